@@ -1,0 +1,42 @@
+"""One entry point for the datasets the presets name: ``digits`` (embedded), ``cifar10``, ``cifar100``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .tensors import InMemoryData
+
+DATASETS = ("digits", "cifar10", "cifar100")
+
+
+def _resize(data: InMemoryData, size: int) -> InMemoryData:
+    x = torch.nn.functional.interpolate(data.x, size=(size, size), mode="bilinear", align_corners=False)
+    return dataclasses.replace(data, x=x)
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None = None, channels: int = 3,
+                 seed: int = 0, device: str | torch.device | None = None) -> tuple[InMemoryData, InMemoryData]:
+    """``(train, test)`` of a named dataset; ``size``/``channels`` reshape digits for CIFAR-shaped models."""
+    if name == "digits":
+        from .digits import load_digits
+
+        return load_digits(size=size or 8, channels=channels, seed=seed, device=device)
+    if name in ("cifar10", "cifar100"):
+        if not data_dir:
+            raise DataError(
+                f"dataset {name!r} needs data_dir: the folder that holds "
+                f"{'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'}/ (get it on a machine with "
+                f"internet via torchvision.datasets.{name.upper()}(root, download=True))"
+            )
+        from .cifar import load_cifar
+
+        train = load_cifar(data_dir, name=name, train=True, device=device)
+        test = load_cifar(data_dir, name=name, train=False, device=device)
+        if size and size != train.x.shape[-1]:
+            train, test = _resize(train, size), _resize(test, size)
+        return train, test
+    raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")

@@ -1,0 +1,100 @@
+"""Figures as build products: each is a pure function of a run's ``metrics.json``.
+
+The notebooks and ``python -m paperlib figures`` call the same functions, so a figure regenerated from
+``runs/`` without training is the same file the notebook wrote. Figures are ``matplotlib.figure.Figure``
+objects (no pyplot state), saved as PNG and PDF with fixed metadata so the bytes are reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import paths
+from .runs import FIGURE_FORMATS, latest_run, read_json
+
+FigureFn = Callable[[dict[str, Any]], Figure]
+FIGURES: dict[str, dict[str, FigureFn]] = {}
+_METADATA = {"png": {"Software": None}, "pdf": {"CreationDate": None, "ModDate": None, "Producer": None,
+                                                "Creator": None}}
+
+
+def register_figure(notebook: str, name: str) -> Callable[[FigureFn], FigureFn]:
+    """Decorator: ``name`` is one of ``notebook``'s figures, drawn from its metrics."""
+
+    def deco(fn: FigureFn) -> FigureFn:
+        FIGURES.setdefault(notebook, {})[name] = fn
+        return fn
+
+    return deco
+
+
+def save_figure(fig: Figure, name: str, out_dir: str | Path) -> list[Path]:
+    """Save ``fig`` as ``<name>.png`` and ``<name>.pdf`` atomically with reproducible bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for fmt in FIGURE_FORMATS:
+        path = out_dir / f"{name}.{fmt}"
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}.{fmt}"
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight", metadata=_METADATA[fmt])
+        os.replace(tmp, path)
+        out.append(path)
+    return out
+
+
+def render_figures(notebook: str, metrics: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Figure]:
+    """Draw every registered figure of ``notebook`` from ``metrics``; save them when ``out_dir`` is given."""
+    figs = {name: fn(metrics) for name, fn in FIGURES.get(notebook, {}).items()}
+    if out_dir is not None:
+        for name, fig in figs.items():
+            save_figure(fig, name, out_dir)
+    return figs
+
+
+def regenerate(runs_root: Path | None = None, figures_root: Path | None = None,
+               notebooks: list[str] | None = None) -> dict[str, list[str]]:
+    """Redraw the figures of the latest successful run of each notebook into ``figures/``; no training."""
+    _load_all()
+    figures_root = figures_root or paths.figures_dir()
+    done: dict[str, list[str]] = {}
+    for nb in notebooks or sorted(FIGURES):
+        run = latest_run(nb, runs_root)
+        if run is None:
+            continue
+        figs = render_figures(nb, read_json(run / "metrics.json"), figures_root)
+        done[nb] = sorted(figs)
+    return done
+
+
+def _load_all() -> None:
+    """Import the modules that register figures."""
+    from . import quickstart  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------- quickstart
+@register_figure("00_quickstart", "quickstart_accuracy")
+def quickstart_accuracy(metrics: dict[str, Any]) -> Figure:
+    """Top-1 per method: one dot per seed, the mean with its 95 % CI."""
+    import seaborn as sns
+
+    df = pd.DataFrame(metrics["per_seed"])
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
+    order = list(dict.fromkeys(df["method"]))
+    df = df.assign(top1_pct=df["top1"] * 100)
+    sns.pointplot(data=df, x="method", y="top1_pct", order=order, errorbar=("ci", 95), linestyle="none",
+                  color="black", markers="_", capsize=0.2, ax=ax)
+    sns.stripplot(data=df, x="method", y="top1_pct", order=order, hue="method", palette="deep", legend=False,
+                  size=6, jitter=0.1, ax=ax)
+    ax.set_xlabel("")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"ResNet-20 on {metrics.get('dataset', 'digits')}: FP32 vs uniform QAT")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

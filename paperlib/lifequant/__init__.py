@@ -1,0 +1,76 @@
+"""LifeQuant (Chen, Yang, Chen, ICCV 2023): ProxQ + BaLL for lifelong quantization.
+
+Spec: ``shared/papers/lifequant.md``. The shipped code differs from the paper (§1.2-1.3, §5); each function
+cites the spec section it implements and names the variant it follows.
+
+- :mod:`.quant` — quantizers (§1.1): ``quantize_weight``, ``quantize_activation``, their modules,
+  ``quantize_lifequant``.
+- :mod:`.ball` — BaLL (§1.3): ``class_counts``, ``ball_scale``, ``ball_loss``, ``BaLLLoss``.
+- :mod:`.prox` — ProxQ's penalty and the baselines' importance (§1.2, §1.7).
+- :mod:`.splits` — task / replay generators (§3), in memory and for image folders.
+- :mod:`.metrics` — ``A_T``, ``F_T``, ``BWT`` (§2).
+"""
+
+from .ball import BALL_FORMS, BaLLLoss, ball_loss, ball_scale, class_counts, read_reweight, scale_vector
+from .metrics import accuracy_matrix, lifelong_metrics
+from .prox import (
+    DEFAULT_LAMBDA,
+    METHODS,
+    NOOP_IN_ORIGINAL,
+    cdf_prox_penalty,
+    ewc_importance,
+    importance,
+    mas_importance,
+    method_importance,
+    prox_penalty,
+    qnoise_loss,
+    scp_importance,
+    snapshot,
+    zero_importance,
+)
+from .quant import (
+    ACT_QUANTIZERS,
+    MOBILENET_CIFAR_WEIGHT_STD,
+    PAIRED_ACTIVATION,
+    WEIGHT_QUANTIZERS,
+    LifeQuantActivation,
+    LifeQuantWeight,
+    cdf_space,
+    cdf_space_error,
+    clamp_inclusive,
+    normal_cdf,
+    quantize_activation,
+    quantize_k,
+    quantize_lifequant,
+    quantize_weight,
+    standardize,
+)
+from .splits import (
+    IMAGECLEF,
+    OFFICE31,
+    LifelongFiles,
+    LifelongSplit,
+    class_incremental_split,
+    class_order,
+    class_split,
+    domain_incremental_split,
+    domain_task_indices,
+    replay_positions,
+    task_indices,
+    write_class_incremental,
+    write_domain_incremental,
+)
+
+__all__ = [
+    "ACT_QUANTIZERS", "BALL_FORMS", "DEFAULT_LAMBDA", "IMAGECLEF", "METHODS", "MOBILENET_CIFAR_WEIGHT_STD",
+    "NOOP_IN_ORIGINAL", "OFFICE31", "PAIRED_ACTIVATION", "WEIGHT_QUANTIZERS", "BaLLLoss",
+    "LifeQuantActivation", "LifeQuantWeight", "LifelongFiles", "LifelongSplit", "accuracy_matrix",
+    "ball_loss", "ball_scale", "cdf_prox_penalty", "cdf_space", "cdf_space_error", "clamp_inclusive",
+    "class_counts",
+    "class_incremental_split", "class_order", "class_split", "domain_incremental_split",
+    "domain_task_indices", "ewc_importance", "importance", "lifelong_metrics", "mas_importance",
+    "method_importance", "normal_cdf", "prox_penalty", "qnoise_loss", "quantize_activation", "quantize_k",
+    "quantize_lifequant", "quantize_weight", "read_reweight", "replay_positions", "scale_vector",
+    "scp_importance", "snapshot", "standardize", "task_indices", "write_class_incremental",
+    "write_domain_incremental", "zero_importance",
+]

@@ -1,0 +1,283 @@
+"""LifeQuant quantizers (spec §1.1): the shipped "standardize" quantizer, the development CDF quantizer and
+AlignQ, as pure functions plus thin ``nn.Module``s for :func:`paperlib.quant.quantize_model`.
+
+``Q_k(v) = round(v n) / n`` with ``n = 2^k - 1`` (``torch.round``: half to even), straight-through backward;
+``k = 32`` is the identity and ``k = 1`` is ``sign`` (also straight-through), exactly as the original
+``uniform_quantize``.
+
+Weights (``quantizer=``):
+- ``"standardize"`` (shipped R20/Office/CLEF, the default): ``ŵ = std · (w - mean(w)) / std(w)`` over the
+  whole tensor (unbiased std, mean/std *not* detached), ``std = 0.5`` (``range_ = 2``; MobileNetV2-CIFAR
+  uses ``std = 0.125``), then ``Q_k(ŵ)``. No clipping by default, so the number of levels is unbounded (not
+  a true k-bit code); ``clip=True`` clips ``ŵ`` to [-1, 1] first (at most ``2n + 1`` levels). ``k = 1``:
+  ``sign(w / E) · E`` with ``E = mean|w|`` detached.
+- ``"cdf"`` (development build): ``u = 2 Φ((w - μ_w) / σ_w) - 1`` in (-1, 1), then ``Q_k(u)`` (``2n + 1``
+  levels).
+- ``"alignq"`` (AlignQ, ``quantization_alignq``): ``2 Q_k(Φ_{μ_w,σ_w}(w)) - 1`` (exactly ``2^k`` levels).
+
+Activations (``quantizer=``): ``"clamp"`` (shipped R20): ``Q_k(clamp(x, 0, 1))``; ``"standardize"``
+(MobileNetV2-CIFAR): ``Q_k(clamp(0.5 (x - mean) / std, 0, 1))`` over the whole batch tensor; ``"cdf"``
+(development): ``Q_k(r (2 Φ(x) - 1))``; ``"alignq"``: ``r (2 Q_k(Φ(x)) - 1)``, ``r = act_range = 2``.
+
+Choice (spec is silent for cdf/alignq): at 32 bits every quantizer is the identity (the shipped one is; the
+development activation returned the unquantized CDF value ã in its 'align' stage, which is not reproduced).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..quant.core import quantize_model
+from ..quant.uniform import FULL_PRECISION, check_bits
+
+WeightQuantizer = Literal["standardize", "cdf", "alignq"]
+ActQuantizer = Literal["clamp", "standardize", "cdf", "alignq"]
+WEIGHT_QUANTIZERS: tuple[str, ...] = ("standardize", "cdf", "alignq")
+ACT_QUANTIZERS: tuple[str, ...] = ("clamp", "standardize", "cdf", "alignq")
+#: the activation quantizer each weight quantizer was paired with in the original code
+PAIRED_ACTIVATION: dict[str, str] = {"standardize": "clamp", "cdf": "cdf", "alignq": "alignq"}
+SHIPPED_WEIGHT_STD = 0.5  # range_ = 2 -> new_s = range_ / 4 (R20, Office, CLEF)
+MOBILENET_CIFAR_WEIGHT_STD = 0.125  # range_ = 0.5 (src/mobilenet-v2-cifar-100/model/quantization.py)
+ACT_RANGE = 2.0
+
+
+class _QkSTE(torch.autograd.Function):
+    """``Q_k``: forward ``sign`` (k = 1) or ``round(v n) / n``; backward identity (the original ``qfn``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bits: int) -> Tensor:  # noqa: D102
+        if bits == 1:
+            return torch.sign(x)
+        n = 2**bits - 1
+        return torch.round(x * n) / n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
+def quantize_k(x: Tensor, bits: int) -> Tensor:
+    """``Q_k(x)`` of spec §1.1: ``round(x (2^k - 1)) / (2^k - 1)``; ``sign`` at k = 1; identity at 32; STE."""
+    check_bits(bits)
+    if bits == FULL_PRECISION:
+        return x
+    return _QkSTE.apply(x, bits)
+
+
+def _round_k(x: Tensor, bits: int) -> Tensor:
+    """``Q_k`` without the straight-through gradient (``round``/``sign`` have zero gradient)."""
+    if bits == 1:
+        return torch.sign(x)
+    n = 2**bits - 1
+    return torch.round(x * n) / n
+
+
+def clamp_inclusive(x: Tensor, low: float, high: float) -> Tensor:
+    """``clamp(x, low, high)`` whose gradient is 1 on the closed interval ``[low, high]`` and 0 outside.
+
+    That is ``torch.clamp``'s gradient in the torch the spec's test vectors came from (2.13, spec §1.1, TV2:
+    the endpoints pass the gradient). torch 2.14 gives 0 at the endpoints, so the rule is written out here.
+    """
+    inside = (x >= low) & (x <= high)
+    return torch.where(inside, x, x.detach().clamp(low, high))
+
+
+def _check_tensor(x: object, what: str, min_numel: int = 1) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}; convert with .float()")
+    if x.numel() < min_numel:
+        raise ValueError(
+            f"{what} has {x.numel()} element(s); the quantizer standardises over the whole tensor and "
+            f"needs at least {min_numel}"
+        )
+    return x
+
+
+def _check_name(name: object, allowed: tuple[str, ...], what: str) -> str:
+    if name not in allowed:
+        raise ValueError(f"{what}={name!r} is unknown; use one of {list(allowed)}")
+    return name  # type: ignore[return-value]
+
+
+def normal_cdf(x: Tensor, mean: Tensor | float = 0.0, std: Tensor | float = 1.0) -> Tensor:
+    """``Φ((x - mean) / std)``, written as ``torch.distributions.Normal(mean, std).cdf`` computes it."""
+    if isinstance(std, Tensor):
+        inv = std.reciprocal()
+    else:
+        inv = 1.0 / std
+    return 0.5 * (1 + torch.erf((x - mean) * inv / math.sqrt(2)))
+
+
+def standardize(x: Tensor, std: float = SHIPPED_WEIGHT_STD) -> Tensor:
+    """``(x - mean(x)) / std(x) · std`` over the whole tensor (unbiased std, not detached): ``normalize``."""
+    return (x - x.mean()) / x.std() * std
+
+
+def cdf_space(w: Tensor) -> Tensor:
+    """The development "standard space" ``u = 2 Φ((w - μ_w) / σ_w) - 1`` in (-1, 1) (spec §1.1)."""
+    return normal_cdf(w, w.mean(), w.std()) * 2 - 1
+
+
+def quantize_weight(
+    w: Tensor,
+    bits: int,
+    quantizer: WeightQuantizer = "standardize",
+    clip: bool = False,
+    *,
+    std: float = SHIPPED_WEIGHT_STD,
+) -> Tensor:
+    """LifeQuant weight quantizer (spec §1.1, TV1); straight-through, identity at 32 bits.
+
+    ``quantizer``: ``"standardize"`` (shipped, default; ``std=0.125`` gives the MobileNetV2-CIFAR
+    variant), ``"cdf"`` (development build) or ``"alignq"``. ``clip=True`` clips the standardised weight to
+    [-1, 1] before rounding (off by default: faithful, unbounded levels); the CDF and AlignQ spaces are
+    already bounded, so ``clip`` does not change them.
+    """
+    _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
+    check_bits(bits)
+    _check_tensor(w, "w", min_numel=2)
+    if not isinstance(std, int | float) or isinstance(std, bool) or not std > 0:
+        raise ValueError(f"std={std!r} must be a positive number (0.5 shipped, 0.125 MobileNetV2-CIFAR)")
+    if bits == FULL_PRECISION:
+        return w
+    if quantizer == "standardize":
+        if bits == 1:
+            scale = w.abs().mean().detach()
+            return quantize_k(w / scale, 1) * scale
+        w_hat = standardize(w, std)
+        if clip:
+            w_hat = clamp_inclusive(w_hat, -1.0, 1.0)
+        return quantize_k(w_hat, bits)
+    if quantizer == "cdf":
+        return quantize_k(cdf_space(w), bits)
+    if bits == 1:
+        raise ValueError("quantizer='alignq' needs bits >= 2: at 1 bit 2·sign(Φ(w)) - 1 is +1 everywhere")
+    return 2 * quantize_k(normal_cdf(w, w.mean(), w.std()), bits) - 1
+
+
+def quantize_activation(
+    x: Tensor, bits: int, quantizer: ActQuantizer = "clamp", *, act_range: float = ACT_RANGE
+) -> Tensor:
+    """LifeQuant activation quantizer (spec §1.1, TV2); straight-through, identity at 32 bits.
+
+    ``"clamp"`` (shipped, default): ``Q_k(clamp(x, 0, 1))``, gradient 1 on [0, 1] (endpoints included), 0
+    outside.
+    ``"standardize"``: MobileNetV2-CIFAR, ``0.5 (x - mean) / std`` over the whole tensor first (also at eval).
+    ``"cdf"``: ``Q_k(act_range (2 Φ(x) - 1))``; ``"alignq"``: ``act_range (2 Q_k(Φ(x)) - 1)``.
+    """
+    _check_name(quantizer, ACT_QUANTIZERS, "quantizer")
+    check_bits(bits)
+    _check_tensor(x, "x", min_numel=2 if quantizer == "standardize" else 1)
+    if bits == FULL_PRECISION:
+        return x
+    if quantizer == "clamp":
+        return quantize_k(clamp_inclusive(x, 0.0, 1.0), bits)
+    if quantizer == "standardize":
+        return quantize_k(clamp_inclusive(standardize(x, 0.5), 0.0, 1.0), bits)
+    if quantizer == "cdf":
+        return quantize_k(act_range * (2 * normal_cdf(x) - 1), bits)
+    if bits == 1:
+        raise ValueError("quantizer='alignq' needs bits >= 2: at 1 bit every activation maps to +act_range")
+    return act_range * (2 * quantize_k(normal_cdf(x), bits) - 1)
+
+
+def cdf_space_error(
+    w: Tensor, bits: int, act_range: float = ACT_RANGE, straight_through: bool = True
+) -> Tensor:
+    """Per-element CDF-space quantization error ``|Q_k(u) - u| / (2^k - 1) · 2 act_range · 0.01`` (§1.2,
+    ``lifelong.weight_quantize_fn``, TV8), ``u`` from :func:`cdf_space`. Never called in the original.
+
+    ``straight_through=True`` is the original (``Q_k`` with identity backward): then the gradient of the error
+    with respect to ``w`` is exactly zero, so as a loss term it does nothing. ``False`` uses plain rounding,
+    whose gradient pulls ``u`` toward the grid. Choice: zeros at 32 bits (the original returned ``w``
+    itself there).
+    """
+    check_bits(bits)
+    _check_tensor(w, "w", min_numel=2)
+    if bits == FULL_PRECISION:
+        return torch.zeros_like(w)
+    u = cdf_space(w)
+    q = quantize_k(u, bits) if straight_through else _round_k(u, bits)
+    return torch.abs(q - u) / (2**bits - 1) * (2 * act_range) * 0.01
+
+
+class LifeQuantWeight(nn.Module):
+    """Weight quantizer module around :func:`quantize_weight` (for ``quantize_model(weight=...)``)."""
+
+    def __init__(
+        self, bits: int, quantizer: WeightQuantizer = "standardize", clip: bool = False,
+        std: float = SHIPPED_WEIGHT_STD,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.quantizer = _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
+        self.clip = bool(clip)
+        self.std = std
+
+    def forward(self, w: Tensor) -> Tensor:
+        return quantize_weight(w, self.bits, self.quantizer, self.clip, std=self.std)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, quantizer={self.quantizer!r}, clip={self.clip}, std={self.std}"
+
+
+class LifeQuantActivation(nn.Module):
+    """Activation quantizer module around :func:`quantize_activation` (for ``ActSlot``s)."""
+
+    def __init__(self, bits: int, quantizer: ActQuantizer = "clamp", act_range: float = ACT_RANGE) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.quantizer = _check_name(quantizer, ACT_QUANTIZERS, "quantizer")
+        self.act_range = act_range
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantize_activation(x, self.bits, self.quantizer, act_range=self.act_range)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, quantizer={self.quantizer!r}, act_range={self.act_range}"
+
+
+def quantize_lifequant(
+    model: nn.Module,
+    weight_bits: int,
+    act_bits: int,
+    *,
+    quantizer: WeightQuantizer = "standardize",
+    clip: bool = False,
+    std: float = SHIPPED_WEIGHT_STD,
+    act_quantizer: ActQuantizer | None = None,
+    act_range: float = ACT_RANGE,
+    skip: Iterable[str] | Literal["linear"] = "linear",
+) -> nn.Module:
+    """Quantize ``model`` in place the LifeQuant way (spec §1.1) and return it.
+
+    Every conv is quantized (stem and 1x1 shortcuts included); ``skip="linear"`` keeps every ``nn.Linear``
+    (the classifier) in full precision as the original does; pass layer names to choose otherwise. Every
+    ``ActSlot`` gets the activation quantizer; ``act_quantizer=None`` picks the one paired with ``quantizer``
+    in the original (``PAIRED_ACTIVATION``). Calling it again (32 -> 8 -> 4 bits) replaces the quantizers and
+    keeps the latent weights.
+    """
+    _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
+    act_q = PAIRED_ACTIVATION[quantizer] if act_quantizer is None else act_quantizer
+    _check_name(act_q, ACT_QUANTIZERS, "act_quantizer")
+    check_bits(weight_bits)
+    check_bits(act_bits)
+    if isinstance(skip, str):
+        if skip != "linear":
+            raise ValueError(
+                f"skip={skip!r}: pass 'linear' (keep nn.Linear layers full precision) or layer names"
+            )
+        skip = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return quantize_model(
+        model,
+        weight=lambda layer: LifeQuantWeight(weight_bits, quantizer, clip, std),
+        activation=lambda: LifeQuantActivation(act_bits, act_q, act_range),
+        skip=list(skip),
+    )

@@ -1,0 +1,42 @@
+"""Models: one definition per architecture, a registry mapping names to builders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .imagenet import AlexNetBN, ResNetImageNet, alexnet_bn, load_weights, resnet18, resnet50
+from .mobilenetv2 import MobileNetV2Cifar, mobilenetv2
+from .resnet_cifar import ResNetCifar, resnet20, resnet32, resnet56
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "mobilenetv2": mobilenetv2,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "alexnet_bn": alexnet_bn,
+}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add a builder to the registry (``create_model(name, **kw)`` then calls it)."""
+    MODELS[name] = builder
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_channels=1)``."""
+    try:
+        builder = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
+    return builder(**kwargs)
+
+
+__all__ = [
+    "MODELS", "AlexNetBN", "MobileNetV2Cifar", "ResNetCifar", "ResNetImageNet", "alexnet_bn",
+    "create_model", "load_weights", "mobilenetv2", "register_model", "resnet18", "resnet20", "resnet32",
+    "resnet50", "resnet56",
+]

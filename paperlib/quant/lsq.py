@@ -1,0 +1,85 @@
+"""LSQ: learned step size quantization (Esser et al., ICLR 2020, Eq. 1-4).
+
+``v_q = round(clamp(v / s, -Q_N, Q_P)) * s`` with the step ``s`` learned; its gradient is scaled by
+``g = 1 / sqrt(N_elements * Q_P)`` (§2.2). Signed: ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``;
+unsigned: ``Q_N = 0``, ``Q_P = 2^b - 1``. The step is initialised to ``2 mean|v| / sqrt(Q_P)`` from the
+weights or from the first activation batch seen in training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .core import round_ste
+from .uniform import FULL_PRECISION, check_bits
+
+
+def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(Q_N, Q_P)`` of LSQ's integer range."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Forward ``x``, backward ``grad * scale`` (LSQ §2.2)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def lsq_quantize(v: Tensor, step: Tensor, bits: int, signed: bool = True) -> Tensor:
+    """LSQ quantizer (Eq. 1-2) with the step-gradient scale of §2.2; straight-through in ``v`` inside range."""
+    check_bits(bits, range(2, 17))
+    if bits == FULL_PRECISION:
+        return v
+    qn, qp = lsq_range(bits, signed)
+    g = 1.0 / math.sqrt(v.numel() * qp)
+    s = grad_scale(step, g)
+    return round_ste((v / s).clamp(-qn, qp)) * s
+
+
+def lsq_init_step(v: Tensor, bits: int, signed: bool) -> Tensor:
+    """The paper's initial step ``2 mean|v| / sqrt(Q_P)``."""
+    _, qp = lsq_range(bits, signed)
+    return (2 * v.detach().abs().mean() / math.sqrt(qp)).clamp_min(1e-8)
+
+
+class LSQWeight(nn.Module):
+    """LSQ weight quantizer (signed), step initialised from the layer's weight."""
+
+    def __init__(self, bits: int, weight: Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, range(2, 17))
+        init = lsq_init_step(weight, bits, True) if weight is not None else torch.tensor(1.0)
+        self.step = nn.Parameter(init.reshape(()).clone())
+
+    def forward(self, w: Tensor) -> Tensor:
+        return lsq_quantize(w, self.step, self.bits, signed=True)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class LSQActivation(nn.Module):
+    """LSQ activation quantizer; the step is initialised from the first training batch."""
+
+    def __init__(self, bits: int, signed: bool = False) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, range(2, 17))
+        self.signed = signed
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bits == FULL_PRECISION:
+            return x
+        if self.training and not bool(self.initialized):
+            with torch.no_grad():
+                self.step.copy_(lsq_init_step(x, self.bits, self.signed))
+                self.initialized.fill_(True)
+        return lsq_quantize(x, self.step, self.bits, signed=self.signed)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}"

@@ -1,0 +1,336 @@
+"""The training and evaluation loop every notebook uses.
+
+``fit`` trains a model on an in-memory dataset (tensors on the device, batched augmentation) or on any
+iterable of ``(x, y)`` batches (a ``DataLoader`` for large image folders). Paper methods plug in through a
+``criterion(model, x, y) -> loss`` and :class:`Callback` hooks (ClimbQ sets σ before a batch, CBP adds its
+constraint term and acts at the end of an epoch). Every epoch is checkpointed atomically with model,
+optimizer, scheduler, callback and RNG state, so ``resume=True`` ends with the same metrics as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.tensors import InMemoryData, TensorLoader
+from .metrics import classification_report
+
+Criterion = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the given device, checked to exist."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here: use device='auto' or 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:
+    """Seed python, numpy and torch; on CPU also ask torch for deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic and (device is None or device.type == "cpu"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def show_progress() -> bool:
+    """tqdm bars only on an interactive terminal and never under CI."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit` (plain data; a notebook preset overrides them)."""
+
+    epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    scheduler: str = "cosine"  # "cosine" | "multistep" | "none"
+    milestones: Sequence[int] = ()
+    lr_gamma: float = 0.1
+    seed: int = 0
+    augment: bool = False
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs}: train for at least 1 epoch")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: the learning rate must be positive")
+        if self.scheduler not in ("cosine", "multistep", "none"):
+            raise ValueError(f"scheduler={self.scheduler!r}: use 'cosine', 'multistep' or 'none'")
+
+
+class Callback:
+    """Hooks into :func:`fit`; override what you need. ``state_dict`` goes into every checkpoint."""
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        pass
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
+        """``stats`` holds ``train_loss`` (mean) and ``train_loss_sum``; add keys to record them in history."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The default criterion: cross entropy of ``model(x)``."""
+    return F.cross_entropy(model(x), y)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns: per-epoch history and the final test report."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_top1(self) -> float:
+        vals = [h["test_top1"] for h in self.history if "test_top1" in h]
+        return max(vals) if vals else float("nan")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: InMemoryData | Iterable, batch_size: int = 512,
+            device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Logits and labels of ``model`` over ``data`` in eval mode (restores the previous mode)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = TensorLoader(data.to(device), batch_size) if isinstance(data, InMemoryData) else data
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(model(x.to(device, non_blocking=True)))
+        labels.append(y.to(device, non_blocking=True))
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, data: InMemoryData | Iterable, num_classes: int | None = None,
+             batch_size: int = 512, device: torch.device | None = None) -> dict[str, Any]:
+    """:func:`paperlib.metrics.classification_report` of ``model`` on ``data`` plus the mean CE loss."""
+    logits, labels = predict(model, data, batch_size, device)
+    k = num_classes or (data.num_classes if isinstance(data, InMemoryData) else logits.shape[1])
+    report = classification_report(logits, labels, k)
+    report["loss"] = float(F.cross_entropy(logits, labels))
+    return report
+
+
+def _rng_state(loader: Any) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(loader, "state_dict"):
+        state["loader"] = loader.state_dict()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], loader: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "loader" in state and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(state["loader"])
+
+
+def _callback_keys(callbacks: Sequence[Callback]) -> list[str]:
+    seen: dict[str, int] = {}
+    keys = []
+    for cb in callbacks:
+        name = type(cb).__name__
+        keys.append(f"{name}#{seen.get(name, 0)}")
+        seen[name] = seen.get(name, 0) + 1
+    return keys
+
+
+def _callback_states(callbacks: Sequence[Callback]) -> dict[str, dict[str, Any]]:
+    """Non-empty callback states keyed by ``<class>#<occurrence>``."""
+    states = {k: cb.state_dict() for k, cb in zip(_callback_keys(callbacks), callbacks, strict=True)}
+    return {k: v for k, v in states.items() if v}
+
+
+def _load_callback_states(callbacks: Sequence[Callback], states: dict[str, dict[str, Any]]) -> None:
+    keys = _callback_keys(callbacks)
+    missing = sorted(set(states) - set(keys))
+    if missing:
+        raise ValueError(f"the checkpoint holds state of callbacks {missing} that this run does not have; "
+                         "resume with the same callbacks as the interrupted run")
+    for key, cb in zip(keys, callbacks, strict=True):
+        if key in states:
+            cb.load_state_dict(states[key])
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` to a temp file, then ``os.replace``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Stepped once per epoch; ``"none"`` gives no scheduler, so callbacks may change the lr themselves."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=cfg.lr_gamma)
+    return None
+
+
+def fit(
+    model: nn.Module,
+    train: InMemoryData | Iterable,
+    test: InMemoryData | Iterable | None = None,
+    config: TrainConfig | None = None,
+    *,
+    criterion: Criterion = cross_entropy,
+    callbacks: Sequence[Callback] = (),
+    optimizer: torch.optim.Optimizer | None = None,
+    device: str | torch.device | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> TrainResult:
+    """Train ``model`` and evaluate it on ``test`` after every ``eval_every`` epochs.
+
+    ``train`` is an :class:`InMemoryData` (moved to the device, shuffled by a seeded generator, augmented
+    with random crop + flip when ``config.augment``) or any iterable of batches. With ``checkpoint`` the
+    state is saved after every epoch; ``resume=True`` continues from it. A NaN/inf loss raises
+    :class:`TrainingDiverged` naming the epoch and batch, before the epoch is checkpointed.
+    """
+    from .data.augment import RandomCropFlip
+
+    cfg = config or TrainConfig()
+    dev = resolve_device(device)
+    seed_everything(cfg.seed, device=dev)
+    model.to(dev)
+    if isinstance(train, InMemoryData):
+        if len(train) == 0:
+            raise ValueError("the training set is empty: check the data split or subset")
+        loader: Any = TensorLoader(train.to(dev), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                   augment=RandomCropFlip(fill=train.normalized_value(0.0)) if cfg.augment else None)
+    else:
+        loader = train
+    test_data = test.to(dev) if isinstance(test, InMemoryData) else test
+    opt = optimizer or make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg)
+    result = TrainResult()
+    start_epoch = 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        _load_callback_states(callbacks, state["callbacks"])
+        _set_rng_state(state["rng"], loader)
+        result.history = state["history"]
+        start_epoch = state["epoch"] + 1
+    for cb in callbacks:
+        cb.on_train_start(model, opt)
+    show = show_progress() if progress is None else progress
+    from tqdm.auto import tqdm
+
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", disable=not show, leave=False)
+    for epoch in epochs:
+        model.train()
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        n_seen = 0
+        first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+        for i, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False)):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            for cb in callbacks:
+                cb.before_batch(model, x, y)
+            loss = criterion(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for cb in callbacks:
+                cb.after_backward(model)
+            opt.step()
+            for cb in callbacks:
+                cb.after_step(model)
+            d = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(d), i, first_bad)
+            loss_sum += d.double() * y.shape[0]
+            n_seen += y.shape[0]
+        bad = int(first_bad)
+        if bad >= 0:
+            raise TrainingDiverged(
+                f"loss became NaN/inf at epoch {epoch}, batch {bad}: the learning rate "
+                f"(now {opt.param_groups[0]['lr']:g}) may be too high, the inputs may hold NaN, or a "
+                "quantizer/loss divided by zero (e.g. a class with zero samples); lower lr or check the data. "
+                "The last good checkpoint is kept."
+            )
+        stats: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                                 "train_loss_sum": float(loss_sum), "train_loss": float(loss_sum) / max(n_seen, 1)}
+        if sched is not None:
+            sched.step()
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, stats)
+        if test_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            rep = evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev)
+            stats.update(test_top1=rep["top1"], test_balanced_accuracy=rep["balanced_accuracy"],
+                         test_loss=rep["loss"])
+            if not math.isfinite(rep["loss"]):
+                stats["test_loss"] = None
+        result.history.append(stats)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": None if sched is None else sched.state_dict(), "callbacks": _callback_states(callbacks),
+                "rng": _rng_state(loader), "history": result.history, "config": asdict(cfg),
+            })
+    if test_data is not None:
+        result.final = evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev)
+    return result

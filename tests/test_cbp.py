@@ -1,0 +1,564 @@
+"""Tests of paperlib.cbp against the CBP spec (shared/papers/cbp.md): §5 vectors, numpy oracles, invariants
+of the training controller (§1.5, §4), checkpoint continuation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from paperlib.cbp import (
+    CBP,
+    MODES,
+    CBPConfig,
+    CBPWeight,
+    cfs,
+    constraint,
+    levels,
+    next_g,
+    paper_hparams,
+    project,
+    windows,
+)
+from paperlib.models.resnet_cifar import ResNetCifar
+from paperlib.quant.core import QuantLinear, quantize_model
+
+torch.set_num_threads(1)
+F64 = torch.float64
+TV1_W = [-0.8, -0.3, 0.0, 0.1, 0.6]
+
+
+def tv1() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(TV1_W, dtype=F64, requires_grad=True), levels("bin", 0.5, dtype=F64)
+
+
+# ----------------------------------------------------------------------------------------------- §5 vectors
+def test_tv1_forward_projection_and_tie():
+    w, q = tv1()
+    assert q.tolist() == [-0.5, 0.5]
+    assert project(w, q).tolist() == [-0.5, -0.5, 0.0, 0.5, 0.5]  # w = 0 on the median stays 0
+
+
+def test_tv1_cfs_and_unwindowed_y():
+    w, q = tv1()
+    assert cfs(w, levels=q) == pytest.approx(0.6, abs=1e-12)
+    assert cfs([(w, q)]) == pytest.approx(0.6, abs=1e-12)
+    cs = constraint(w, q, math.inf)
+    np.testing.assert_allclose(cs.detach().numpy(), [0.6, 0.4, 1.0, 0.8, 0.2], atol=1e-12)
+    cs.sum().backward()
+    grad = w.grad.numpy()
+    np.testing.assert_array_equal(grad[[0, 1, 3, 4]], [-2, 2, -2, 2])  # index 2 is the median tie: not tested
+
+
+@pytest.mark.parametrize(("g", "cs_ref", "grad_ref"), [
+    (1, [0.6, 0, 0, 0, 0.2], [-2, 0, 0, 0, 2]),
+    (2, [0.6, 0.4, 0, 0, 0.2], [-2, 2, 0, 0, 2]),
+])
+def test_tv1_windowed_constraint_and_subgradient(g, cs_ref, grad_ref):
+    w, q = tv1()
+    cs = constraint(w, q, g)
+    np.testing.assert_allclose(cs.detach().numpy(), cs_ref, atol=1e-12)
+    cs.sum().backward()  # called directly: the original's in-place backward gives garbage here (§1.4)
+    np.testing.assert_array_equal(w.grad.numpy(), grad_ref)
+
+
+def _tv_model() -> nn.Module:
+    """A model whose only constrained layer (the middle one) will hold TV-1's five weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 1, bias=False), nn.Linear(1, 2))
+
+
+def test_tv2_lambda_adam_step_and_momentum():
+    model = _tv_model()
+    cbp = CBP(model, "bin", lr_lambda=1e-4)
+    layer = model[1]
+    assert cbp.layer_names == ["1"]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([TV1_W]))
+        layer.weight_quantizer.scale.fill_(0.5)
+    cbp.update_lambda(g=2)
+    np.testing.assert_allclose(cbp.lambdas[0].numpy()[0], [1e-4, 1e-4, 0, 0, 1e-4], rtol=0, atol=1e-9)
+    # second Adam step at g = inf: every weight violated; w = 0 and 0.1 for the first time (spec §1.5: a
+    # weight first violated at Adam step 2 gets 0.744 lr; one violated at every step gets exactly lr)
+    cbp.update_lambda(g=math.inf)
+    m, v = 0.1, 0.001
+    first_at_2 = 1e-4 * (m / 0.19) / (math.sqrt(v / (1 - 0.999**2)))
+    assert first_at_2 == pytest.approx(0.744e-4, rel=1e-3)
+    np.testing.assert_allclose(cbp.lambdas[0].numpy()[0], [2e-4, 2e-4, first_at_2, first_at_2, 2e-4],
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_tv2_sgd_option_is_plain_ascent():
+    model = _tv_model()
+    cbp = CBP(model, "bin", lr_lambda=1e-3, lambda_optimizer="sgd")
+    layer = model[1]
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([TV1_W]))
+        layer.weight_quantizer.scale.fill_(0.5)
+    cbp.update_lambda(g=2)
+    np.testing.assert_allclose(cbp.lambdas[0].numpy()[0], [6e-4, 4e-4, 0, 0, 2e-4], atol=1e-9)
+
+
+def test_tv3_sets_and_two_bit_window():
+    assert levels("bin", 1.0).tolist() == [-1, 1]
+    assert levels("ter", 1.0).tolist() == [-1, 0, 1]
+    assert levels("1bit", 1.0).tolist() == [-1, -0.5, 0, 0.5, 1]
+    assert levels("2bit", 1.0).tolist() == [-1, -0.5, -0.25, 0, 0.25, 0.5, 1]
+    q = levels("2bit", 1.0, dtype=F64)
+    w = torch.tensor([0.3], dtype=F64, requires_grad=True)
+    assert project(w, q).item() == 0.25
+    assert cfs(w, levels=q) == pytest.approx(0.1, abs=1e-12)  # Y = 2 * 0.05
+    np.testing.assert_allclose(windows(q, 10)[4].numpy(), [0.3625, 0.3875], atol=1e-12)  # window of [.25, .5)
+    cs = constraint(w, q, 10)
+    assert cs.item() == pytest.approx(0.1, abs=1e-12)
+    cs.backward()
+    assert w.grad.item() == 2.0  # descent pushes w toward 0.25
+
+
+# ----------------------------------------------------------------------------------------- sets and errors
+def test_levels_scale_tensor_and_errors():
+    s = torch.tensor(0.25, dtype=F64)
+    q = levels("1bit", s)
+    assert q.dtype == F64 and q.tolist() == [-0.25, -0.125, 0.0, 0.125, 0.25]
+    with pytest.raises(ValueError, match=r"unknown CBP mode '4bit'.*'bin', 'ter', '1bit', '2bit'"):
+        levels("4bit", 1.0)
+    with pytest.raises(ValueError, match="unknown CBP mode"):
+        CBPWeight("binary", 1.0)
+    with pytest.raises(ValueError, match="unknown CBP mode"):
+        CBP(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)), "quaternary")
+    with pytest.raises(ValueError, match="positive"):
+        levels("bin", 0.0)
+    with pytest.raises(ValueError, match="one number per layer"):
+        levels("bin", torch.ones(3))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        project(torch.zeros(3), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match=">= 1"):
+        constraint(torch.zeros(3), levels("ter", 1.0), 0.5)
+    with pytest.raises(TypeError, match="number"):
+        constraint(torch.zeros(3), levels("ter", 1.0), True)
+    with pytest.raises(ValueError, match="variant"):
+        CBPConfig(variant="plain")
+    with pytest.raises(TypeError, match="unknown CBP options"):
+        CBP(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)), "bin", pmax=3)
+
+
+def test_window_sizes_for_several_g():
+    for mode in MODES:
+        q = levels(mode, 0.3, dtype=F64)
+        lo, hi = q[:-1], q[1:]
+        for g in (1, 2, 3, 7, 10, 20, 50):
+            win = windows(q, g)
+            np.testing.assert_allclose((win[:, 1] - win[:, 0]).numpy(), ((hi - lo) / g).numpy(), atol=1e-15)
+            np.testing.assert_allclose((win.sum(1) / 2).numpy(), ((lo + hi) / 2).numpy(), atol=1e-15)
+        np.testing.assert_allclose(windows(q, 1).numpy(), torch.stack([lo, hi], 1).numpy())  # g=1: whole gap
+        inf = windows(q, math.inf)
+        np.testing.assert_allclose(inf[:, 0].numpy(), inf[:, 1].numpy())  # g=inf: empty
+
+
+# --------------------------------------------------------------------------------------- numpy oracles
+def _random_w(q: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    qn = q.numpy()
+    return rng.uniform(qn[0] * 1.6, qn[-1] * 1.6, size=n)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_project_matches_nearest_level_oracle_and_is_straight_through(mode):
+    q = levels(mode, 0.37, dtype=F64)
+    w_np = _random_w(q, 4000, 1)
+    qn = q.numpy()
+    ref = qn[np.abs(w_np[:, None] - qn[None, :]).argmin(1)]
+    w = torch.tensor(w_np, requires_grad=True)
+    w_q = project(w, q)
+    np.testing.assert_array_equal(w_q.detach().numpy(), ref)
+    up = torch.randn(w.shape, dtype=F64)
+    w_q.backward(up)
+    np.testing.assert_array_equal(w.grad.numpy(), up.numpy())  # identity, also outside [q_1, q_n]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_project_tie_rule_every_median(mode):
+    q = levels(mode, 0.5, dtype=F64)
+    m = (q[1:] + q[:-1]) / 2
+    np.testing.assert_array_equal(project(m, q).numpy(), m.numpy())  # sign(0) = 0: the median itself
+    eps = 1e-9
+    np.testing.assert_array_equal(project(m + eps, q).numpy(), q[1:].numpy())
+    np.testing.assert_array_equal(project(m - eps, q).numpy(), q[:-1].numpy())
+
+
+def _cs_oracle(w: np.ndarray, q: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
+    """Independent numpy cs and subgradient from paper Eq. 10: gate 1 - Σ H(Δ/(2g) - |w - m|)."""
+    y = 2 * np.abs(w[:, None] - q[None, :]).min(1)
+    m, gap = (q[1:] + q[:-1]) / 2, q[1:] - q[:-1]
+    inside = (w >= q[0]) & (w < q[-1])
+    in_window = inside & ((np.abs(w[:, None] - m[None, :]) < gap[None, :] / (2 * g)).any(1))
+    cs = np.where(in_window, 0.0, y)
+    nearest = q[np.abs(w[:, None] - q[None, :]).argmin(1)]
+    slope = np.where(in_window, 0.0, 2 * np.sign(w - nearest))  # away from the nearest level
+    return cs, slope
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("g", [1, 2, 5, 10, 30, math.inf])
+def test_constraint_matches_oracle_and_finite_differences(mode, g):
+    q = levels(mode, 0.21, dtype=F64)
+    w_np = _random_w(q, 3000, 2)
+    qn = q.numpy()
+    # keep away from the kinks (levels, medians, window edges) where the subgradient is a convention
+    kinks = np.concatenate([qn, (qn[1:] + qn[:-1]) / 2, windows(q, g).numpy().ravel()])
+    w_np = w_np[np.abs(w_np[:, None] - kinks[None, :]).min(1) > 1e-6]
+    cs_ref, slope_ref = _cs_oracle(w_np, qn, g)
+    w = torch.tensor(w_np, requires_grad=True)
+    cs = constraint(w, q, g)
+    np.testing.assert_allclose(cs.detach().numpy(), cs_ref, atol=1e-12)
+    lam = torch.rand(w.shape, dtype=F64)
+    (lam * cs).sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), lam.numpy() * slope_ref)
+    h = 1e-8
+    fd = (constraint(w.detach() + h, q, g) - constraint(w.detach() - h, q, g)) / (2 * h)
+    np.testing.assert_allclose(fd.numpy(), slope_ref, atol=1e-5)
+
+
+def test_constraint_gradient_direct_calls_and_levels_get_none():
+    q = levels("ter", 0.5, dtype=F64).requires_grad_(True)
+    w = torch.tensor([-0.9, -0.45, -0.1, 0.05, 0.3, 0.7], dtype=F64, requires_grad=True)
+    _, slope = _cs_oracle(w.detach().numpy(), q.detach().numpy(), 3)
+    constraint(w, q, 3).mean().backward()  # stride-0 expanded grad, scaled: out-of-place backward
+    np.testing.assert_allclose(w.grad.numpy(), slope / 6, atol=1e-15)
+    assert q.grad is None  # frozen scale: no gradient to the levels
+    w.grad = None
+    constraint(w, q, 3).backward(torch.full((6,), 3.0, dtype=F64))
+    np.testing.assert_allclose(w.grad.numpy(), 3 * slope)
+    # exactly at a level the subgradient is +2 (r > 0), at the outer levels too (spec §1.4)
+    at = torch.tensor([-0.5, 0.0, 0.5], dtype=F64, requires_grad=True)
+    c = constraint(at, q.detach(), 2)
+    c.sum().backward()
+    assert c.tolist() == [0, 0, 0] and at.grad.tolist() == [2, 2, 2]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cfs_zero_on_projected_and_equals_twice_mean_distance(mode):
+    q = levels(mode, 0.11, dtype=F64)
+    w = torch.tensor(_random_w(q, 500, 3))
+    assert cfs(project(w, q), levels=q) == 0.0
+    dist = np.abs(w.numpy()[:, None] - q.numpy()[None, :]).min(1)
+    assert cfs(w, levels=q) == pytest.approx(2 * dist.mean(), rel=1e-12)
+    # several layers: one mean over all constrained weights (not a mean of layer means)
+    w2 = torch.tensor(_random_w(q, 100, 4))
+    d2 = np.abs(w2.numpy()[:, None] - q.numpy()[None, :]).min(1)
+    assert cfs([(w, q), (w2, q)]) == pytest.approx(2 * np.concatenate([dist, d2]).mean(), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------ quantizer / model
+def test_quantizer_with_quantize_model_and_resnet():
+    torch.manual_seed(0)
+    model = ResNetCifar(8, num_classes=3, in_channels=1, shortcut="A")
+    latent = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    cbp = CBP(model, "ter")
+    assert "conv0" not in cbp.layer_names and "fc" not in cbp.layer_names  # first and last stay FP
+    assert set(cbp.layer_names) == set(latent) - {"conv0"}
+    assert isinstance(model.fc, nn.Linear) and not isinstance(model.fc, QuantLinear)
+    cbp.start()
+    for name, layer in cbp.layers.items():
+        s = latent[name].abs().mean()
+        assert float(layer.weight_quantizer.scale) == pytest.approx(float(s), rel=1e-6)
+        allowed = set(layer.weight_quantizer.levels().tolist())
+        assert set(layer.quantized_weight().unique().tolist()) <= allowed  # exactly on the levels
+        assert f"{name}.weight_quantizer.scale" in model.state_dict()
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_quantizer_factory_straight_through_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 2))
+    quantize_model(model, weight=CBPWeight.factory("2bit"), skip="first_last")
+    layer = model[1]
+    assert isinstance(layer, QuantLinear)
+    x = torch.randn(7, 6)
+    layer(x).square().sum().backward()
+    wq = layer.quantized_weight().detach().requires_grad_(True)
+    nn.functional.linear(x, wq, layer.bias).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, wq.grad)  # ∂L/∂w := ∂L/∂w_q
+    assert torch.equal(wq, project(layer.weight, levels("2bit", layer.weight.abs().mean())).detach())
+
+
+# ------------------------------------------------------------------------------------- the controller
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 8, generator=g)
+    return x, (x @ torch.randn(8, 3, generator=g)).argmax(1)
+
+
+def _pretrained_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, 3))
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(40):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def _outer_overshoot(cbp: CBP) -> float:
+    over = 0.0
+    for layer in cbp.layers.values():
+        w, q = layer.weight.detach(), layer.weight_quantizer.levels()
+        over = max(over, float(torch.maximum(q[0] - w, w - q[-1]).clamp_min(0).max()))
+    return over
+
+
+def _train(cbp: CBP, model: nn.Module, opt: torch.optim.Optimizer, epochs: range, hooks: bool) -> list[dict]:
+    """A minimal loop in the spec's order (§1.5a); ``hooks`` drives it through the Callback protocol."""
+    x, y = _data()
+    log = []
+    for epoch in epochs:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for b in range(8):
+            idx = perm[b * 32:(b + 1) * 32]
+            loss = cbp.criterion(model, x[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            cbp.after_backward(model)
+            opt.step()
+            cbp.after_step(model)
+        if hooks:
+            stats: dict = {"epoch": epoch}
+            cbp.on_epoch_end(epoch, stats)
+            info = {k[4:]: v for k, v in stats.items() if k.startswith("cbp_")}
+        else:
+            info = cbp.end_of_epoch(optimizer=opt) | cbp.metrics()
+        info["lambdas"] = [lam.clone() for lam in cbp.lambdas]
+        info["lrs"] = [group["lr"] for group in opt.param_groups]
+        info["overshoot"] = _outer_overshoot(cbp)
+        log.append(info)
+    return log
+
+
+LR, WD = 0.01, 1e-4
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Post-train a pretrained MLP with CBP (binary, p_max = 3): 33 epochs x 8 steps = 264 steps.
+
+    Plain SGD (no momentum) so that §4.8 has an exact discrete-time form: once a weight's λ dominates, it
+    chatters within one clipped step (lr) of the level set.
+    """
+    model = _pretrained_mlp()
+    cbp = CBP(model, "bin", p_max=3, lr_lambda=0.1)
+    opt = torch.optim.SGD(cbp.param_groups(weight_decay=WD), lr=LR)
+    opt.param_groups[2]["lr"] = 2 * LR  # a group with its own lr: each group is scaled by 0.1 once
+    initial = {"metrics": None, "overshoot": None}
+    cbp.start()
+    initial["metrics"], initial["overshoot"] = cbp.metrics(), _outer_overshoot(cbp)
+    initial["lambdas"] = [lam.clone() for lam in cbp.lambdas]
+    initial["cs_g1"] = [constraint(layer.weight, layer.weight_quantizer.levels(), 1).detach()
+                        for layer in cbp.layers.values()]
+    initial["scales"] = cbp.scales()
+    log = _train(cbp, model, opt, range(33), hooks=False)
+    return cbp, initial, log
+
+
+def test_initial_lambda_step_only_outside_levels(run):
+    _, initial, _ = run
+    # g = 1: cs > 0 exactly for the pretrained weights outside [q_1, q_n]; Adam's first step is lr·c/(c+eps)
+    lam = torch.cat([lam.flatten() for lam in initial["lambdas"]]).double()
+    c = torch.cat([c.flatten() for c in initial["cs_g1"]]).double()
+    torch.testing.assert_close(lam, 0.1 * c / (c + 1e-8), rtol=1e-6, atol=1e-9)
+    outside = float((c > 0).double().mean())
+    assert outside == pytest.approx(initial["metrics"]["outside_frac"]) and 0.1 < outside < 0.9
+
+
+def test_lambda_monotone_nonnegative_changes_only_at_events(run):
+    _, initial, log = run
+    prev = initial["lambdas"]
+    for entry in log:
+        for a, b in zip(prev, entry["lambdas"], strict=True):
+            assert bool((b >= a).all()) and bool((b >= 0).all())
+            if not entry["event"]:
+                assert torch.equal(a, b)
+        if entry["event"]:
+            assert sum(float((b - a).sum()) for a, b in zip(prev, entry["lambdas"], strict=True)) > 0
+        prev = entry["lambdas"]
+    assert log[-1]["lambda_mean"] > 5 * initial["metrics"]["lambda_mean"]
+
+
+def test_event_spacing_g_sequence_and_single_lr_drop(run):
+    _, _, log = run
+    events = [i for i, e in enumerate(log) if e["event"]]
+    gaps = np.diff([-1, *events])
+    assert gaps.min() >= 2 and gaps.max() <= 3  # p_max = 3 and L_pre is reset after an event
+    assert (gaps == 2).any() and (gaps == 3).any()  # both the loss rule and the p_max rule fired
+    gs = [log[i]["g"] for i in events]
+    assert gs == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40][:len(gs)] and len(gs) >= 11
+    lrs = np.array([e["lrs"] for e in log])
+    drop = [i for i, e in enumerate(log) if e["lr_factor"] != 1.0]
+    assert len(drop) == 1 and log[drop[0]]["g"] == 20 and log[drop[0]]["lr_factor"] == 0.1
+    np.testing.assert_allclose(lrs[: drop[0]], [[LR, LR, 2 * LR]] * drop[0])
+    np.testing.assert_allclose(lrs[drop[0]:], [[LR / 10, LR / 10, LR / 5]] * (len(log) - drop[0]))
+
+
+def test_weights_inside_levels_after_first_events(run):
+    cbp, initial, log = run
+    assert initial["overshoot"] > 20 * LR  # the pretrained weights start far outside [q_1, q_n]
+    events = [i for i, e in enumerate(log) if e["event"]]
+    step = LR * (cbp.config.grad_clip + WD)  # the largest move of one clipped SGD step (|w| <= 1)
+    after = log[events[5]:]
+    assert max(e["overshoot"] for e in after) <= step * (1 + 1e-6)  # within one step of [q_1, q_n] (§4.8)
+    assert log[-1]["cfs"] < initial["metrics"]["cfs"] / 3  # CFS falls under CBP (§4, 3)
+    assert log[-1]["near_level_frac"] > 3 * initial["metrics"]["near_level_frac"]
+    assert cbp.scales() == initial["scales"]  # s frozen at the start (§1.2)
+    for layer in cbp.layers.values():
+        assert float(layer.weight.detach().abs().max()) <= 1.0  # the [-1, 1] clamp
+
+
+def test_ste_variant_keeps_lambda_zero_and_weights_outside():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "bin", p_max=3, lr_lambda=0.1, variant="ste")
+    opt = torch.optim.SGD(cbp.param_groups(WD), lr=LR)
+    cbp.start()
+    assert float(cbp.penalty().detach()) == 0.0
+    log = _train(cbp, model, opt, range(9), hooks=False)
+    assert all(float(lam.abs().max()) == 0.0 for lam in cbp.lambdas)
+    assert [e["g"] for e in log if e["event"]] == [2, 3, 4][: sum(e["event"] for e in log)]
+    assert log[-1]["overshoot"] > 10 * LR  # no outer penalty: the weights stay outside (contrast to §4.8)
+
+
+def test_no_window_variant_uses_full_sawtooth():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "ter", variant="no_window", lr_lambda=0.1)
+    cbp.start()
+    assert cbp.g == 1 and cbp.g_effective == math.inf
+    assert float(cbp.lambdas[0].min()) > 0  # at g = inf every off-level weight is violated at once
+    pairs = zip(cbp.lambdas, cbp.layers.values(), strict=True)
+    ref = sum(float((lam * constraint(ly.weight.detach(), ly.weight_quantizer.levels(), math.inf)).sum())
+              for lam, ly in pairs)
+    assert float(cbp.penalty().detach()) == pytest.approx(ref, rel=1e-6)
+    windowed = CBP(_pretrained_mlp(), "ter", lr_lambda=0.1)
+    windowed.start()
+    assert float(windowed.penalty().detach()) < float(cbp.penalty().detach())
+
+
+def test_event_rule_scripted_loss_sums():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "bin", p_max=4)
+    cbp.start()
+    losses = [5, 4, 4.5, 3, 2, 1, 0.5, 1e12, 1, 1]
+    infos = [cbp.end_of_epoch(torch.tensor(v, dtype=F64)) for v in losses]
+    assert [i["event"] for i in infos] == [False, False, True, False, False, False, True, True, False, True]
+    assert [i["g"] for i in infos] == [1, 1, 2, 2, 2, 2, 3, 4, 4, 5]
+    assert [i["p"] for i in infos] == [1, 2, 0, 1, 2, 3, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="no loss recorded"):
+        cbp.end_of_epoch()
+    with pytest.raises(ValueError, match="not finite"):
+        cbp.end_of_epoch(float("nan"))
+
+
+def test_g_schedule_function():
+    seq = [1]
+    for _ in range(13):
+        seq.append(next_g(seq[-1]))
+    assert seq == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50]
+
+
+def test_recompute_scale_option():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "bin", p_max=2, lr_lambda=0.1, recompute_scale=True)
+    opt = torch.optim.SGD(cbp.param_groups(WD), lr=LR)
+    cbp.start()
+    s0 = cbp.scales()
+    _train(cbp, model, opt, range(2), hooks=False)
+    now = [float(layer.weight.detach().abs().mean()) for layer in cbp.layers.values()]
+    assert cbp.scales() != s0 and cbp.scales() == pytest.approx(now, rel=1e-6)
+
+
+def test_grad_clip_all_params_and_clamp_constrained_only():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "bin")
+    for p in model.parameters():
+        p.grad = torch.linspace(-3, 3, p.numel()).reshape(p.shape)
+    cbp.after_backward()
+    assert all(float(p.grad.abs().max()) == 1.0 for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    cbp.after_step()
+    def values(i: int) -> set[float]:
+        return set(model[i].weight.detach().unique().tolist())
+
+    assert values(3) == values(6) == {1.0}  # constrained: clamped
+    assert values(0) == values(9) == {3.0}  # first/last layers free
+    assert values(1) == {3.0}  # BN untouched
+    groups = cbp.param_groups(weight_decay=5e-4)
+    assert [len(g["params"]) for g in groups] == [2, 2, 4 + 6]  # biases and BN in the last group
+    assert [g["weight_decay"] for g in groups] == [5e-4, 5e-4, 0.0]
+
+
+def test_state_dict_round_trip_continues_identically():
+    def fresh(seed):
+        model = _pretrained_mlp(seed)
+        cbp = CBP(model, "ter", p_max=3, lr_lambda=0.05)
+        opt = torch.optim.SGD(cbp.param_groups(WD), lr=LR, momentum=0.9)
+        return model, cbp, opt
+
+    model, cbp, opt = fresh(0)
+    cbp.on_train_start(model, opt)
+    _train(cbp, model, opt, range(5), hooks=True)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "cbp": cbp.state_dict()}, buf)
+    ref = _train(cbp, model, opt, range(5, 12), hooks=True)
+
+    model2, cbp2, opt2 = fresh(1)  # other weights: everything must come from the checkpoint
+    buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    cbp2.load_state_dict(state["cbp"])
+    lam_before = [lam.clone() for lam in cbp2.lambdas]
+    cbp2.on_train_start(model2, opt2)  # resumed: no second initial λ step, no new scales
+    assert all(torch.equal(a, b) for a, b in zip(lam_before, cbp2.lambdas, strict=True))
+    got = _train(cbp2, model2, opt2, range(5, 12), hooks=True)
+    assert any(e["event"] for e in ref)
+    for a, b in zip(ref, got, strict=True):
+        drop = {k: v for k, v in a.items() if k != "lambdas"}
+        assert drop == {k: v for k, v in b.items() if k != "lambdas"}
+        assert all(torch.equal(x, y) for x, y in zip(a["lambdas"], b["lambdas"], strict=True))
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="mode"):
+        CBP(_pretrained_mlp(), "bin", p_max=3).load_state_dict(state["cbp"])
+
+
+def test_paper_hparams():
+    assert paper_hparams("resnet18", "2bit")["lr"] == 1e-3
+    assert paper_hparams("resnet50", "1bit") | {} == {"lr": 1e-4, "momentum": 0.9, "weight_decay": 1e-4,
+                                                      "batch_size": 128, "lr_lambda": 1e-4, "p_max": 20}
+    assert paper_hparams("alexnet", "bin")["weight_decay"] == 5e-4
+    with pytest.raises(ValueError, match="arch"):
+        paper_hparams("vgg16", "bin")
+
+
+def test_follows_model_moved_after_construction():
+    """``fit`` moves the model to its device after CBP was built: λ and the Adam state follow it."""
+    model = _pretrained_mlp()
+    cbp = CBP(model, "1bit", lr_lambda=0.1)
+    cbp.start()
+    lam32 = [lam.clone() for lam in cbp.lambdas]
+    model.double()
+    x, y = _data()
+    loss = cbp.criterion(model, x.double(), y)
+    assert loss.dtype == F64 and all(lam.dtype == F64 for lam in cbp.lambdas)
+    assert all(torch.equal(a.double(), b) for a, b in zip(lam32, cbp.lambdas, strict=True))
+    loss.backward()
+    cbp.update_lambda()
+    state = cbp.state_dict()["lambda_optimizer"]["state"][0]
+    assert int(state["step"]) == 2 and state["exp_avg"].dtype == F64  # the moments moved with λ

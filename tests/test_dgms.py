@@ -1,0 +1,416 @@
+"""DGMS (spec papers/dgms.md): §4 reference vectors, oracles (finite differences, the code's literal formula,
+scikit-learn's KMeans, numpy), invariants of the hard model, export round trip and the §1.7 report."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from paperlib.dgms import (
+    SIGMA_MIN,
+    TAU_MIN,
+    DGMSWeight,
+    _lloyd_1d,
+    compression_report,
+    dgms_layers,
+    dgms_skip,
+    export_hard,
+    hard_codes,
+    hard_weights,
+    import_hard,
+    init_mixture,
+    kmeans_1d,
+    pack_codes,
+    package_nbytes,
+    quantize_dgms,
+    soft_assignment,
+    soft_weights,
+    unpack_codes,
+)
+from paperlib.models.resnet_cifar import ResNetCifar
+from paperlib.quant import QuantConv2d, quantize_model
+
+# §4: one layer, K = 5, zero component first.
+TV_MU = [0.0, -0.25, -0.1, 0.1, 0.25]
+TV_SIGMA = [0.02, 0.05, 0.03, 0.03, 0.05]
+TV_PI = [0.3, 0.15, 0.2, 0.2, 0.15]
+TV_W = [-0.31, -0.12, -0.04, 0.0, 0.015, 0.06, 0.11, 0.27]
+TV_P = [-0.25, -0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.25]
+
+
+def tv(dtype=torch.float32, tau=0.01):
+    t = lambda v: torch.tensor(v, dtype=dtype, requires_grad=True)  # noqa: E731
+    return t(TV_W), t(TV_MU), t(TV_SIGMA), t(TV_PI), t(tau)
+
+
+def tv_loss(s):
+    """L = sum_i (i + 1) S(w_i) (§4)."""
+    return (torch.arange(1, s.numel() + 1, dtype=s.dtype) * s).sum()
+
+
+def random_mixture(k=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.linspace(-0.3, 0.3, k - 1) + 0.01 * torch.randn(k - 1, generator=g)
+    mu = torch.cat([torch.zeros(1), rest])
+    sigma = 0.03 + 0.03 * torch.rand(k, generator=g)
+    pi = 0.5 + torch.rand(k, generator=g)
+    return mu.to(dtype), sigma.to(dtype), pi.to(dtype)
+
+
+def sample_mixture(mu, sigma, pi, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    comp = torch.multinomial(pi.abs() / pi.abs().sum(), n, replacement=True, generator=g)
+    return mu[comp] + sigma[comp] * torch.randn(n, generator=g, dtype=mu.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ §4 vectors
+def test_tv1_tau_001_soft_is_already_hard():
+    w, mu, sigma, pi, tau = tv(tau=0.01)
+    s = soft_weights(w, mu, sigma, pi, tau)
+    p = hard_weights(w, mu, sigma, pi)
+    assert p.tolist() == torch.tensor(TV_P).tolist()
+    assert (s - p).abs().max().item() < 1e-17
+    tv_loss(s).backward()
+    assert mu.grad.tolist() == [0.0, 1.0, 2.0, 13.0, 8.0]  # mu[0] gets none
+    assert w.grad.abs().max().item() < 1e-13
+    a0 = soft_assignment(w.detach(), mu.detach(), sigma.detach(), pi.detach(), 0.01)[0]
+    assert (a0 > 0.5).tolist() == [False, False, True, True, True, False, False, False]  # zero component
+
+
+def test_tv2_tau_1_values_and_gradients():
+    w, mu, sigma, pi, tau = tv(tau=1.0)
+    a0 = soft_assignment(w.detach(), mu.detach(), sigma.detach(), pi.detach(), 1.0)[0]
+    ref_a0 = [0.148848, 0.149551, 0.314236, 0.403578, 0.40133, 0.159847, 0.149201, 0.148848]
+    torch.testing.assert_close(a0, torch.tensor(ref_a0), rtol=0, atol=1e-6)  # 6 printed decimals
+    s = soft_weights(w, mu, sigma, pi, tau)
+    ref_s = [-0.0639405, -0.0256496, -0.0056702, 0.0, 0.000152387, 0.0236526, 0.0256098, 0.0639405]
+    # 6 printed digits; atol: float32 round-off of a sum of K terms ~0.03 that nearly cancel (S[4] ~ 1.5e-4)
+    torch.testing.assert_close(s, torch.tensor(ref_s), rtol=1e-5, atol=5e-9)
+    assert hard_weights(w, mu, sigma, pi).tolist() == torch.tensor(TV_P).tolist()
+    tv_loss(s).backward()
+    ref_dw = [2.10044e-07, 0.0123748, 2.34088, 0.0227361, 0.106532, 2.10144, 0.0170286, 2.60203e-05]
+    # The spec's entries 0 and 7 are float32 round-off of the code's gradient (~1e-7 absolute: cancellation in
+    # r_k (rho_k - sum rho r) at r ~ 1); exact values checked against finite differences below.
+    torch.testing.assert_close(w.grad, torch.tensor(ref_dw), rtol=1e-5, atol=2.5e-7)
+    ref_dmu = [0.0, 5.65439, 5.119, 8.02962, 7.44294]
+    torch.testing.assert_close(mu.grad, torch.tensor(ref_dmu), rtol=2e-6, atol=0)
+    assert mu.grad[0].item() == 0.0
+
+
+def test_tv2_exact_w_gradient_matches_finite_differences():
+    w, mu, sigma, pi, _ = (t.detach() for t in tv(torch.float64))
+    w = w.requires_grad_()
+    tv_loss(soft_weights(w, mu, sigma, pi, 1.0)).backward()
+    h = 1e-6
+    fd = []
+    for i in range(w.numel()):
+        e = torch.zeros_like(w)
+        e[i] = h
+        fd.append((tv_loss(soft_weights(w.detach() + e, mu, sigma, pi, 1.0))
+                   - tv_loss(soft_weights(w.detach() - e, mu, sigma, pi, 1.0))).item() / (2 * h))
+    # central differences, h = 1e-6: round-off ~ 1e-16 * |L| / h ~ 1e-10
+    torch.testing.assert_close(w.grad, torch.tensor(fd, dtype=torch.float64), rtol=1e-6, atol=2e-10)
+    assert w.grad[0].item() == pytest.approx(1.4989e-9, rel=1e-3)  # not the spec's float32 2.10044e-07
+
+
+# ------------------------------------------------------------------------------------ soft assignment oracles
+@pytest.mark.parametrize("logits", ["responsibility", "log_responsibility"])
+def test_fused_backward_matches_the_codes_formula_under_autograd(logits):
+    mu, sigma, pi = random_mixture()
+    w0 = sample_mixture(mu, sigma, pi, 300)
+    grads = []
+    for impl in ("fused", "reference"):
+        w, m, s, p = (t.clone().requires_grad_() for t in (w0, mu, sigma, pi))
+        tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        out = soft_weights(w, m, s, p, tau, logits, impl=impl, chunk_elements=64)  # 12 weights per chunk
+        (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype)).sum().backward()
+        grads.append([out.detach(), w.grad, m.grad, s.grad, p.grad, tau.grad])
+    for got, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    assert grads[0][2][0].item() == 0.0
+
+
+@pytest.mark.parametrize("logits", ["responsibility", "log_responsibility"])
+def test_gradcheck_against_finite_differences(logits):
+    mu, sigma, pi = random_mixture(k=4, seed=1)
+    w = sample_mixture(mu, sigma, pi, 12, seed=2).requires_grad_()
+    rest, sigma, pi = mu[1:].clone().requires_grad_(), sigma.requires_grad_(), pi.requires_grad_()
+    tau = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+
+    def f(w, rest, sigma, pi, tau):
+        return soft_weights(w, torch.cat([rest.new_zeros(1), rest]), sigma, pi, tau, logits)
+
+    assert torch.autograd.gradcheck(f, (w, rest, sigma, pi, tau), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradients_reach_w_mu_sigma_pi_tau_and_not_mu0():
+    mu, sigma, pi = (t.float().requires_grad_() for t in random_mixture())
+    w = sample_mixture(mu.detach(), sigma.detach(), pi.detach(), 200).requires_grad_()
+    tau = torch.tensor(1.0, requires_grad=True)
+    (soft_weights(w, mu, sigma, pi, tau) ** 2).sum().backward()
+    for name, g in [("w", w.grad), ("mu[1:]", mu.grad[1:]), ("sigma", sigma.grad), ("pi", pi.grad),
+                    ("tau", tau.grad)]:
+        assert torch.isfinite(g).all() and (g.abs() > 0).all(), name
+    assert mu.grad[0].item() == 0.0
+
+
+def test_fused_saves_no_k_by_n_tensor_for_backward():
+    mu, sigma, pi = random_mixture(k=16, dtype=torch.float32)
+    w = nn.Parameter(torch.randn(4000) * 0.1)
+    mu.requires_grad_()
+    for impl, expect_big in (("fused", False), ("reference", True)):
+        saved: list[int] = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            soft_weights(w, mu, sigma, pi, 1.0, impl=impl).sum().backward()
+        assert (max(saved) >= 16 * 4000) == expect_big, (impl, max(saved))
+        assert sum(n > 16 for n in saved) <= (99 if expect_big else 1)  # fused: w itself, nothing else big
+
+
+@pytest.mark.parametrize("logits", ["responsibility", "log_responsibility"])
+def test_soft_tends_to_hard_as_tau_goes_to_zero(logits):
+    mu, sigma, pi = random_mixture(k=6)
+    w = sample_mixture(mu, sigma, pi, 5000, seed=3)
+    p = hard_weights(w, mu, sigma, pi)
+    gaps = [(soft_weights(w, mu, sigma, pi, t, logits) - p).abs().mean().item() for t in (1, 0.1, 0.01, 1e-3)]
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)), gaps
+    close = (soft_weights(w, mu, sigma, pi, 1e-4, logits) - p).abs() < 1e-6
+    assert close.double().mean().item() > 0.995
+
+
+def test_soft_equals_sum_of_assignment_times_means_and_at_tau_1_shrinks():
+    mu, sigma, pi = random_mixture()
+    w = sample_mixture(mu, sigma, pi, 500)
+    a = soft_assignment(w, mu, sigma, pi, 1.0)
+    torch.testing.assert_close(a.sum(0), torch.ones_like(w))
+    torch.testing.assert_close(soft_weights(w, mu, sigma, pi, 1.0), (a * mu[:, None]).sum(0))
+    # §2.2: at tau = 1 softmax of values in [0, 1] is nearly uniform, the soft weights shrink toward 0
+    p = hard_weights(w, mu, sigma, pi)
+    assert soft_weights(w, mu, sigma, pi, 1.0).abs().sum() < 0.5 * p.abs().sum()
+
+
+# --------------------------------------------------------------------------------------------- hard weights
+def test_hard_weights_at_most_k_values_with_zero_and_argmax_modes():
+    conv = nn.Conv2d(16, 16, 3, bias=False)
+    torch.manual_seed(0)
+    nn.init.kaiming_normal_(conv.weight)
+    mu, sigma, pi = init_mixture(conv.weight, 8)
+    for tau in (None, 0.01, 1.0):
+        p = hard_weights(conv.weight, mu, sigma, pi, tau=tau)
+        vals = torch.unique(p)
+        assert vals.numel() <= 8 and (vals == 0).any()
+        assert set(vals.tolist()) <= set(mu.tolist())
+        codes = hard_codes(conv.weight, mu, sigma, pi, tau=tau)
+        assert torch.equal(codes, hard_codes(conv.weight, mu, sigma, pi, tau=tau, chunk_elements=40))
+        assert torch.equal(p, mu[codes]) and torch.equal(p == 0, codes == 0)
+
+
+def test_orphan_weights_code_argmax_prunes_exact_argmax_does_not():
+    mu = torch.tensor([0.0, 0.1, 0.2, 0.3])
+    sigma = torch.full((4,), 0.01)
+    pi = torch.ones(4)
+    w = torch.tensor([0.0, 0.21, 0.9])  # 0.9 lies 60 sigma beyond the last component: all r ~ 0
+    assert hard_codes(w, mu, sigma, pi).tolist() == [0, 2, 3]
+    assert hard_codes(w, mu, sigma, pi, tau=0.01).tolist() == [0, 2, 0]  # uniform a -> argmax 0 (the code)
+    s = soft_weights(w, mu, sigma, pi, 0.01)
+    assert s[2].item() == pytest.approx(0.6 / 4, rel=1e-6)  # sum_k mu_k / K
+
+
+# ----------------------------------------------------------------------------------------------- init §1.3
+def test_init_recovers_three_modes_exactly_like_numpy():
+    g = torch.Generator().manual_seed(0)
+    modes = {0.0: 500, -0.2: 300, 0.2: 200}
+    parts = [c + 0.01 * torch.randn(n, generator=g, dtype=torch.float64) for c, n in modes.items()]
+    w = torch.cat(parts)[torch.randperm(1000, generator=g)].view(10, 100)
+    results = {}
+    for kmeans in ("lloyd1d", "sklearn"):
+        results[kmeans] = mu, sigma, pi = init_mixture(w, 3, seed=1, kmeans=kmeans)
+        x0, xm, xp = (p.numpy() for p in parts)
+        torch.testing.assert_close(mu, torch.tensor([0.0, xm.mean(), xp.mean()], dtype=torch.float64))
+        ref_sigma = [np.sqrt((x0**2).sum() / 499), xm.std(ddof=1), xp.std(ddof=1)]
+        torch.testing.assert_close(sigma, torch.tensor(ref_sigma, dtype=torch.float64))
+        assert pi.tolist() == [0.5, 0.3, 0.2]
+    mu, _, pi = results["lloyd1d"]
+    mu_e, sigma_e, pi_e = init_mixture(w, 3, "empirical", seed=1)
+    assert torch.equal(mu_e, mu) and torch.equal(pi_e, pi) and sigma_e.tolist() == [0.01] * 3
+
+
+def test_lloyd_1d_matches_sklearn_from_the_same_start():
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(3000, generator=g) * 0.05, torch.randn(300, generator=g) * 0.2]).double()
+    start = x[torch.randperm(x.numel(), generator=g)[:6]]
+    c, counts, inertia = _lloyd_1d(torch.sort(x).values, start[None])
+    km = KMeans(6, init=np.sort(start.numpy()).reshape(-1, 1), n_init=1, tol=0.0, max_iter=1000,
+                algorithm="lloyd").fit(x.numpy().reshape(-1, 1))
+    torch.testing.assert_close(c[0], torch.tensor(km.cluster_centers_.ravel(), dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    assert counts[0].tolist() == np.bincount(km.labels_, minlength=6).tolist()
+    assert inertia[0].item() == pytest.approx(km.inertia_, rel=1e-9)
+
+
+def test_kmeans_is_seeded_and_device_dtype_follow_the_weights():
+    w = torch.randn(500) * 0.1
+    a, la = kmeans_1d(w, 5, seed=3)
+    b, lb = kmeans_1d(w, 5, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    mu, sigma, pi = init_mixture(w, 5)
+    assert mu.dtype == sigma.dtype == pi.dtype == torch.float32 and mu[0].item() == 0.0
+    assert pi.sum().item() == pytest.approx(1.0) and (sigma > 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_raises_clear_errors():
+    w, mu, sigma, pi, _ = (t.detach() for t in tv())
+    with pytest.raises(ValueError, match="K >= 2"):
+        init_mixture(w, 1)
+    with pytest.raises(TypeError, match="int"):
+        init_mixture(w, 4.0)
+    with pytest.raises(ValueError, match="distinct values"):
+        init_mixture(torch.tensor([0.0, 0.0, 0.1, 0.1]), 3)
+    for bad_tau in (0.0, -0.5, torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="tau"):
+            soft_weights(w, mu, sigma, pi, bad_tau)
+    with pytest.raises(ValueError, match="sigma contains 0"):
+        soft_weights(w, mu, torch.tensor([0.02, 0.0, 0.03, 0.03, 0.05]), pi, 0.01)
+    with pytest.raises(ValueError, match="sigma contains 0"):
+        hard_weights(w, mu, torch.tensor([0.0, 0.05, 0.03, 0.03, 0.05]), pi)
+    with pytest.raises(ValueError, match="mu\\[0\\]"):
+        soft_weights(w, mu + 0.1, sigma, pi, 0.01)
+    with pytest.raises(ValueError, match="length K"):
+        soft_weights(w, mu, sigma[:4], pi, 0.01)
+    with pytest.raises(ValueError, match="logits"):
+        soft_weights(w, mu, sigma, pi, 0.01, logits="log")
+    with pytest.raises(TypeError, match="floating"):
+        soft_weights(torch.arange(3), mu, sigma, pi, 0.01)
+    with pytest.raises(ValueError, match="sigma contains 0"):
+        DGMSWeight(mu, sigma * 0, pi, guards=False)
+
+
+# ------------------------------------------------------------------------------------------------- module
+def test_weight_quantizer_soft_in_train_hard_in_eval_and_guards_recorded():
+    w, mu, sigma, pi, _ = (t.detach() for t in tv())
+    q = DGMSWeight(mu, sigma, pi, tau=1.0)
+    assert {n for n, _ in q.named_parameters()} == {"mu_rest", "sigma", "pi", "tau"}
+    torch.testing.assert_close(q(w), soft_weights(w, mu, sigma, pi, 1.0), rtol=0, atol=0)
+    q.eval()
+    assert q(w).tolist() == hard_weights(w, mu, sigma, pi).tolist()
+    assert q.guard_report() == {"sigma_clamped": 0, "tau_clamped": 0}
+    assert "tau" not in dict(DGMSWeight(mu, sigma, pi, learn_tau=False).named_parameters())
+    with torch.no_grad():
+        q.sigma[1] = 0.0
+        q.tau.fill_(-1.0)
+    q.train()
+    out = q(w)
+    assert torch.isfinite(out).all() and q.guard_report() == {"sigma_clamped": 1, "tau_clamped": 1}
+    ref = soft_weights(w, mu, sigma.clone().index_fill_(0, torch.tensor([1]), SIGMA_MIN), pi, TAU_MIN)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    unguarded = DGMSWeight(mu, sigma, pi, guards=False)
+    with torch.no_grad():
+        unguarded.tau.fill_(-1.0)
+    with pytest.raises(ValueError, match="tau"):
+        unguarded(w)
+
+
+def resnet20_dgms(k, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = ResNetCifar(20, 10, in_channels=1, shortcut="A")
+    return model, quantize_model(model, weight=lambda layer: DGMSWeight.from_layer(layer, k, **kw),
+                                 skip=dgms_skip(model))
+
+
+def test_layer_rule_every_conv_but_the_first():
+    model, _ = resnet20_dgms(4, n_init=2)
+    layers = dgms_layers(model)
+    assert len(layers) == 18 and "conv0" not in layers and "fc" not in layers
+    assert isinstance(model.conv0, nn.Conv2d) and not isinstance(model.conv0, QuantConv2d)
+    assert type(model.fc) is nn.Linear
+    assert dgms_skip(model) == ["conv0", "fc"]
+    q = layers["blocks.3.conv0"].weight_quantizer
+    w = layers["blocks.3.conv0"].weight
+    torch.testing.assert_close(q.mu, init_mixture(w, 4, n_init=2)[0], rtol=0, atol=0)
+
+
+def test_export_import_rebuilds_the_hard_model_exactly():
+    model, _ = resnet20_dgms(4, n_init=2, tau=1.0)
+    x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(2):  # "trained": latent weights, mixtures, tau, BN all move
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(8) % 10).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    for pack in (True, False):
+        package = export_hard(model, pack=pack)
+        torch.manual_seed(123)
+        plain = import_hard(ResNetCifar(20, 10, in_channels=1, shortcut="A").eval(), package)
+        with torch.no_grad():
+            assert torch.equal(plain(x), logits)
+        for name, layer in dgms_layers(model).items():
+            w = plain.get_submodule(name).weight
+            assert torch.equal(w, layer.quantized_weight()) and torch.unique(w).numel() <= 4
+    report = compression_report(model)
+    assert package_nbytes(export_hard(model)) == report.set_index("layer").loc["whole model", "bytes"]
+    with pytest.raises(ValueError, match="does not match"):
+        import_hard(model, export_hard(model))
+
+
+def test_compression_report_hand_made():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Conv2d(2, 2, 1, bias=True), nn.BatchNorm2d(2),
+                          nn.Flatten(), nn.Linear(2, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.0, 0.01, 0.5, -0.5]).view(2, 2, 1, 1))
+    mu, sigma, pi = torch.tensor([0.0, -0.5, 0.5, 1.0]), torch.full((4,), 0.1), torch.ones(4)
+    quantize_model(model, weight=lambda layer: DGMSWeight(mu, sigma, pi), skip=dgms_skip(model))
+    df = compression_report(model).set_index("layer")
+    d = df.loc["1"]
+    assert d.kind == "dgms" and d.numel == 4 and d.K == 4 and d.bits == 2
+    assert d.sparsity == 0.5 and d.distinct_values == 3 and d.cr_code == 32 / (0.5 * 2)
+    assert d.bytes == 1 + 4 * 4 + 2 * 4 and d.fp32_bytes == 6 * 4  # 2-bit codes, codebook, bias
+    assert df.loc["0"].bytes == 18 * 4 and df.loc["4"].bytes == 9 * 4
+    assert df.loc["(other fp32 tensors)"].bytes == 4 * 2 * 4  # BN weight, bias, running mean, var
+    whole = df.loc["whole model"]
+    assert whole.bytes == 25 + 72 + 36 + 32 and whole.fp32_bytes == 24 + 72 + 36 + 32
+    assert whole.cr_bytes == pytest.approx(164 / 165)
+    assert df.loc["DGMS layers"].cr_code == 32.0 and df.loc["DGMS layers"].sparsity == 0.5
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        codes = torch.randint(0, 1 << bits, (3, 37), generator=g)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(codes.numel() * bits / 8)
+        assert torch.equal(unpack_codes(packed, bits, codes.numel()).view(3, 37), codes)
+    with pytest.raises(ValueError, match="codes must lie"):
+        pack_codes(torch.tensor([4]), 2)
+
+
+def test_tau_001_is_hard_for_most_weights_but_not_at_decision_boundaries():
+    """§2.1 says the gradients reaching w, sigma, pi, tau are ~0 at tau = 0.01. True for TV-1's weights, not
+    for a layer: weights near a decision boundary (|r_j - r_k| < ~0.3) stay soft and get 1/tau-amplified
+    gradients, so sigma, pi and tau receive O(1) gradients like mu."""
+    torch.manual_seed(0)
+    model = quantize_dgms(ResNetCifar(8, 10, in_channels=1, shortcut="A"), 4, n_init=2)
+    layer = dgms_layers(model)["blocks.1.conv1"]
+    q = layer.weight_quantizer
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    tiny = (layer.weight.grad.abs() < 1e-10).double().mean().item()
+    assert 0.7 < tiny < 0.99  # most weights: no gradient; a few percent: soft
+    a = soft_assignment(layer.weight.detach(), q.mu.detach(), q.sigma.detach(), q.pi.detach(), q.tau.detach())
+    soft = (a.max(0).values < 1 - 1e-6).double().mean().item()
+    assert 0.01 < soft < 0.2
+    for g in (q.mu_rest.grad, q.sigma.grad, q.pi.grad):
+        assert g.abs().max() > 1e-3
+    assert q.tau.grad.abs() > 1e-6
