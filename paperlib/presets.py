@@ -3,6 +3,9 @@
 - ``smoke``: seconds per notebook, used by the tests (all notebooks together <= 2 min on 2 cores).
 - ``default``: the embedded digits data, >= 3 seeds (all notebooks together <= 15 min on 2 cores): the main job.
 - ``paper``: the papers' datasets and schedules, for a GPU machine with the data (``data_dir`` required).
+
+Each experiment module registers its table with :func:`register_presets`; a notebook resolves it with
+:func:`resolve`, overriding single settings from its parameters cell.
 """
 
 from __future__ import annotations
@@ -11,20 +14,18 @@ import copy
 from typing import Any
 
 PRESET_NAMES = ("smoke", "default", "paper")
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "00_quickstart": {
-        "smoke": {"dataset": "digits", "image_size": 8, "seeds": [0], "fp_epochs": 4, "qat_epochs": 2,
-                  "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0,
-                  "augment": False},
-        "default": {"dataset": "digits", "image_size": 8, "seeds": [0, 1, 2], "fp_epochs": 15, "qat_epochs": 8,
-                    "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0,
-                  "augment": False},
-        "paper": {"dataset": "cifar10", "image_size": 32, "seeds": [0, 1, 2], "fp_epochs": 200, "qat_epochs": 100,
-                  "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.01, "bits": [4, 2], "act_clip": 4.0,
-                  "augment": True},
-    },
-}
+
+def register_presets(notebook: str, table: dict[str, dict[str, Any]]) -> None:
+    """Register ``{preset: settings}`` for ``notebook``; every preset must be given, with the same keys."""
+    missing = [p for p in PRESET_NAMES if p not in table]
+    if missing:
+        raise ValueError(f"presets of {notebook} lack {missing}")
+    keys = {p: set(v) for p, v in table.items()}
+    if len({frozenset(k) for k in keys.values()}) != 1:
+        raise ValueError(f"presets of {notebook} must have the same settings: {keys}")
+    PRESETS[notebook] = table
 
 
 def resolve(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def resolve(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
     parameters cell can default every knob to empty.
     """
     if notebook not in PRESETS:
-        raise ValueError(f"no presets for notebook {notebook!r}; known: {sorted(PRESETS)}")
+        raise ValueError(f"no presets for notebook {notebook!r}; known: {sorted(PRESETS)} "
+                         "(import the notebook's experiment module first)")
     if preset not in PRESET_NAMES:
         raise ValueError(f"preset={preset!r}: use one of {', '.join(PRESET_NAMES)}")
     cfg = copy.deepcopy(PRESETS[notebook][preset])

@@ -14,9 +14,19 @@ from torch import nn
 
 from .data.load import load_dataset
 from .models import create_model
+from .presets import register_presets
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
 from .stats import format_mean_ci, summarize
 from .train import TrainConfig, evaluate, fit, resolve_device
+
+register_presets("00_quickstart", {
+    "smoke": {"dataset": "digits", "image_size": 8, "seeds": [0], "fp_epochs": 4, "qat_epochs": 2,
+              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False},
+    "default": {"dataset": "digits", "image_size": 8, "seeds": [0, 1, 2], "fp_epochs": 15, "qat_epochs": 8,
+                "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False},
+    "paper": {"dataset": "cifar10", "image_size": 32, "seeds": [0, 1, 2], "fp_epochs": 200, "qat_epochs": 100,
+              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.01, "bits": [4, 2], "act_clip": 4.0, "augment": True},
+})
 
 
 def uniform_qat(model: nn.Module, bits: int, act_clip: float = 1.0) -> nn.Module:

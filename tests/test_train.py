@@ -120,3 +120,19 @@ def test_scheduler_none_keeps_lr_set_by_callbacks(digits):
     res = fit(_small_model(), train.subset(slice(0, 256)), None, TrainConfig(epochs=3, lr=0.1, scheduler="none"),
               callbacks=[Drop()], device="cpu", progress=False)
     assert [h["lr"] for h in res.history] == pytest.approx([0.1, 0.01, 0.01])
+
+
+def test_pretrained_fp32_cache_reuses_and_rekeys(digits, tmp_path):
+    from paperlib.pretrain import pretrained_fp32
+
+    train, test = digits
+    small = train.subset(slice(0, 200))
+    kw = {"num_classes": 10, "in_channels": 1, "width": 8}
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    m1, r1 = pretrained_fp32("resnet20", kw, small, test, cfg, device="cpu", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("fp32-*.pt"))) == 1
+    m2, r2 = pretrained_fp32("resnet20", kw, small, test, cfg, device="cpu", cache_dir=tmp_path)
+    assert r1["top1"] == r2["top1"]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
+    pretrained_fp32("resnet20", kw, small, test, TrainConfig(epochs=1, lr=0.02), device="cpu", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("fp32-*.pt"))) == 2  # another config is another entry

@@ -1,5 +1,8 @@
 """Figures as build products: each is a pure function of a run's ``metrics.json``.
 
+One submodule per notebook (``paperlib.figures.quickstart``, ...) registers its figures with
+:func:`register_figure`; :func:`render_figures` imports them all, so a notebook needs no extra import.
+
 The notebooks and ``python -m paperlib figures`` call the same functions, so a figure regenerated from
 ``runs/`` without training is the same file the notebook wrote. Figures are ``matplotlib.figure.Figure``
 objects (no pyplot state), saved as PNG and PDF with fixed metadata so the bytes are reproducible.
@@ -12,11 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from matplotlib.figure import Figure
 
-from . import paths
-from .runs import FIGURE_FORMATS, latest_run, read_json
+from .. import paths
+from ..runs import FIGURE_FORMATS, latest_run, read_json
 
 FigureFn = Callable[[dict[str, Any]], Figure]
 FIGURES: dict[str, dict[str, FigureFn]] = {}
@@ -50,6 +52,7 @@ def save_figure(fig: Figure, name: str, out_dir: str | Path) -> list[Path]:
 
 def render_figures(notebook: str, metrics: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Figure]:
     """Draw every registered figure of ``notebook`` from ``metrics``; save them when ``out_dir`` is given."""
+    _load_all()
     figs = {name: fn(metrics) for name, fn in FIGURES.get(notebook, {}).items()}
     if out_dir is not None:
         for name, fig in figs.items():
@@ -73,28 +76,9 @@ def regenerate(runs_root: Path | None = None, figures_root: Path | None = None,
 
 
 def _load_all() -> None:
-    """Import the modules that register figures."""
-    from . import quickstart  # noqa: F401
+    """Import every ``paperlib.figures.<name>`` module: each registers its notebook's figures."""
+    import importlib
+    import pkgutil
 
-
-# ---------------------------------------------------------------------------------------------- quickstart
-@register_figure("00_quickstart", "quickstart_accuracy")
-def quickstart_accuracy(metrics: dict[str, Any]) -> Figure:
-    """Top-1 per method: one dot per seed, the mean with its 95 % CI."""
-    import seaborn as sns
-
-    df = pd.DataFrame(metrics["per_seed"])
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    order = list(dict.fromkeys(df["method"]))
-    df = df.assign(top1_pct=df["top1"] * 100)
-    sns.pointplot(data=df, x="method", y="top1_pct", order=order, errorbar=("ci", 95), linestyle="none",
-                  color="black", markers="_", capsize=0.2, ax=ax)
-    sns.stripplot(data=df, x="method", y="top1_pct", order=order, hue="method", palette="deep", legend=False,
-                  size=6, jitter=0.1, ax=ax)
-    ax.set_xlabel("")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"ResNet-20 on {metrics.get('dataset', 'digits')}: FP32 vs uniform QAT")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
