@@ -37,8 +37,8 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | str, value_cols: Sequence[st
     return pd.DataFrame(rows)
 
 
-def format_mean_ci(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
+def format_mean_ci(mean: float, half: float | None, scale: float = 100.0, digits: int = 1) -> str:
     """``"97.3 ± 0.4"`` (values scaled, e.g. accuracy to %); just the mean when the CI is undefined."""
-    if math.isnan(half):
+    if half is None or math.isnan(half):
         return f"{mean * scale:.{digits}f}"
     return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"

@@ -35,3 +35,12 @@ def test_quickstart_smoke(run_dirs, tmp_path):
     again = tmp_path / "again"
     assert regenerate(runs, again) == {"00_quickstart": ["quickstart_accuracy"]}
     assert {p.name: p.read_bytes() for p in again.iterdir()} == published
+
+
+def test_paper_preset_without_data_dir_names_the_missing_data():
+    from paperlib.data.errors import DataError
+    from paperlib.presets import resolve
+    from paperlib.quickstart import run_quickstart
+
+    with pytest.raises(DataError, match="needs data_dir.*cifar-10-batches-py.*download=True"):
+        run_quickstart(resolve("00_quickstart", "paper"), device="cpu", data_dir="")
