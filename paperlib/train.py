@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.tensors import InMemoryData, TensorLoader
+from .device import resolve_device
 from .metrics import classification_report
 
 Criterion = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -32,19 +33,6 @@ Criterion = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the given device, checked to exist."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here: use device='auto' or 'cpu'")
-    return dev
 
 
 def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:

@@ -9,6 +9,13 @@ from .augment import RandomCropFlip, random_crop_flip
 from .cifar import CIFAR_STATS, export_cifar_to_folder, load_cifar, open_cifar
 from .digits import DIGITS_CLASSES, DIGITS_COUNTS, load_digits
 from .errors import DataError, DataTypeError
+from .long_tail import (
+    long_tail_counts,
+    long_tail_order,
+    long_tail_subset,
+    read_class_counts,
+    write_long_tail_manifests,
+)
 from .manifest import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,6 +43,11 @@ __all__ = [
     "load_cifar",
     "load_digits",
     "load_manifest_tensors",
+    "long_tail_counts",
+    "long_tail_order",
+    "long_tail_subset",
+    "read_class_counts",
+    "write_long_tail_manifests",
     "manifest_loader",
     "manifest_transform",
     "normalize_uint8",

@@ -18,25 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import DeviceLike
+from ..device import resolve_device as _resolve_device
 from .errors import DataError, DataTypeError
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
-DeviceLike = str | torch.device | None
+
 
 
 def resolve_device(device: DeviceLike) -> torch.device:
-    """``None`` -> CPU; a string or ``torch.device`` -> that device (a bad name raises :class:`DataError`)."""
-    if device is None:
-        return torch.device("cpu")
-    if not isinstance(device, str | torch.device):
-        raise DataTypeError(
-            f"device must be a str, torch.device or None, got {type(device).__name__}; "
-            f"pass e.g. 'cpu' or 'cuda'"
-        )
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise DataError(f"invalid device {device!r} ({exc}); pass e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    """``None`` -> CPU (data stays where it is loaded); otherwise :func:`paperlib.device.resolve_device`."""
+    return _resolve_device(device, default="cpu")
 
 
 def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[tuple[float, ...], ...]:

@@ -1,0 +1,413 @@
+"""ClimbQ (Chen, Yang, Chen, NeurIPS 2022): Gaussian-CDF quantizer with class distribution scaling and the
+HomoVar loss, as the official code implements them (spec climbq.md §1; section numbers below are the spec's).
+
+- §1.1 :func:`quantize_weight`: ``W_q = 2 U_k(Phi((W - mu)/s)) - 1`` with ``mu``/``s`` the mean and unbiased
+  std of the whole tensor (inside the autograd graph); :func:`quantize_activation`:
+  ``A_q = R (2 U_k(Phi(x/sigma)) - 1)``. ``U_k(u) = round(u n)/n``, ``n = 2^k - 1``, straight-through.
+- §1.2 :func:`batch_sigma`: the per-sample ``sigma_i = 2 - p~_i`` with ``p~_i = b_{y_i} / sum_c b_c^2`` from
+  the mini-batch class counts ``b``; :func:`set_sigma` hands it to every :class:`ClimbQActivation` of a model
+  before a training forward. Eval uses sigma = 2 (``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet quirk).
+- §1.4 :func:`homovar_loss` / :class:`HomoVarLoss`: class-balanced softmax-BCE whose per-class beta comes from
+  Levene bounds on the class size (the bound math is :func:`paperlib.levene.homogeneity_bounds`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.long_tail import check_class_counts
+from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
+from .quant.uniform import uniform_quantize
+
+FULL_PRECISION = 32
+SigmaMode = Literal["batch_freq", "none", "prior"]
+Base = Literal["bce", "ce"]
+
+__all__ = [
+    "ClimbQActivation", "ClimbQWeight", "HomoVarLoss", "HomoVarStep", "batch_sigma", "class_balanced_weights",
+    "homovar_beta", "homovar_loss", "quantize_activation", "quantize_weight", "set_sigma",
+]
+
+
+# --------------------------------------------------------------------------------------------- §1.1 quantizer
+
+
+def _check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
+    if bits == 1:
+        raise ValueError("bits=1 is degenerate for ClimbQ: sign(Phi) = +1 maps every weight to +1 and every "
+                         "activation to +act_range (spec climbq.md §5.5); use bits in 2..8 or 32")
+    if bits != FULL_PRECISION and not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is not supported by ClimbQ: use 2..8 or 32 (full precision)")
+    return bits
+
+
+def _normal_cdf(x: Tensor, loc: Tensor | float, scale: Tensor) -> Tensor:
+    """``torch.distributions.Normal(loc, scale).cdf(x)`` written out (same float ops as the original)."""
+    return 0.5 * (1 + torch.erf((x - loc) * scale.reciprocal() / math.sqrt(2)))
+
+
+def quantize_weight(w: Tensor, bits: int) -> Tensor:
+    """ClimbQ weight quantizer (§1.1, ``weight_quantize_fn``): ``2 U_k(Phi((w - mean w) / std w)) - 1``.
+
+    One mean and unbiased std over the whole tensor, kept in the autograd graph, so the gradient is
+    ``2 phi(.)/s`` plus the terms through ``mu`` and ``s``; the rounding is straight-through. Levels are
+    ``2i/n - 1`` in [-1, 1] with no zero level and no scale. ``bits=32`` returns ``w`` unchanged.
+    """
+    bits = _check_bits(bits)
+    if bits == FULL_PRECISION:
+        return w
+    if w.numel() < 2:
+        raise ValueError(f"quantize_weight needs at least 2 weights for the std, got shape {tuple(w.shape)}")
+    phi = _normal_cdf(w, w.mean(), w.std())
+    return uniform_quantize(phi, bits) * 2 - 1
+
+
+def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """sigma as a tensor broadcastable to ``x``: a [B] (or [B, 1, ...]) tensor is one value per sample."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).detach()
+    if s.ndim == 1 and x.ndim > 1:
+        if s.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"sigma has {s.shape[0]} per-sample values but the input batch has "
+                             f"{x.shape[0]}; call set_sigma(model, batch_sigma(labels, num_classes)) "
+                             "before each training forward")
+        s = s.reshape(-1, *([1] * (x.ndim - 1)))
+    return s
+
+
+def quantize_activation(x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0) -> Tensor:
+    """ClimbQ activation quantizer (§1.1, ``activation_quantize_fn``): ``R (2 U_k(Phi(x / sigma)) - 1)``.
+
+    The projection mean is 0; ``sigma`` is a float or a per-sample tensor ([B] or broadcastable), treated as
+    a constant (no gradient). Levels ``R (2i/n - 1)``, i = 0..n, no zero level, no clipping; the gradient is
+    ``2 R phi(x/sigma) / sigma`` (straight-through rounding). ``bits=32`` returns ``x`` unchanged.
+    """
+    bits = _check_bits(bits)
+    if bits == FULL_PRECISION:
+        return x
+    if not isinstance(sigma, Tensor) and not sigma > 0:
+        raise ValueError(f"sigma={sigma} must be > 0")
+    phi = _normal_cdf(x, 0.0, _per_sample(sigma, x))
+    return (uniform_quantize(phi, bits) * 2 - 1) * act_range
+
+
+# --------------------------------------------------------------------------------------------- §1.2 scaling
+
+
+def batch_sigma(
+    labels: Tensor,
+    num_classes: int,
+    mode: SigmaMode = "batch_freq",
+    counts: Sequence[float] | np.ndarray | Tensor | None = None,
+) -> Tensor:
+    """Per-sample projection sigma for a training batch (§1.2, ``main.py`` L181-187, quantizer L91-94).
+
+    ``"batch_freq"`` (the original): ``p_i = b_{y_i}/B`` with ``b`` the class counts *in the batch*,
+    ``p~ = p / sum_j p_j`` (``= b_{y_i} / sum_c b_c^2``), ``sigma_i = 2 - p~_i`` (within 1 % of 2 for
+    B = 128). ``"none"``: sigma = 2 (the eval value; nearly equivalent, §5.1). ``"prior"`` is **not from the
+    paper**: ``sigma_i = 2 - n_{y_i}/N`` from dataset ``counts``. Returns float32 [B] on the labels' device.
+    """
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
+        raise TypeError("labels must be a 1-D integer tensor of class ids")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if labels.numel() == 0:
+        raise ValueError("labels is empty: batch_sigma needs at least one sample")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
+    y = labels.long()
+    if mode == "batch_freq":
+        b = torch.bincount(y, minlength=num_classes).float()
+        p = b[y] / y.numel()
+        return 2 - p / p.sum()
+    if mode == "none":
+        return torch.full(y.shape, 2.0, device=y.device)
+    if mode == "prior":
+        if counts is None:
+            raise ValueError("mode='prior' needs the dataset counts: batch_sigma(..., counts=class_counts)")
+        n = check_class_counts(counts)
+        if n.size != num_classes:
+            raise ValueError(f"counts has {n.size} classes, num_classes={num_classes}")
+        prior = torch.as_tensor(n / n.sum(), dtype=torch.float32, device=y.device)
+        return 2 - prior[y]
+    raise ValueError(f"mode={mode!r}: use 'batch_freq' (the original), 'none' (sigma=2) "
+                     "or 'prior' (not from the paper)")
+
+
+class ClimbQWeight(nn.Module):
+    """Weight quantizer module around :func:`quantize_weight`; use with ``quantize_model(weight=...)``."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return quantize_weight(w, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class ClimbQActivation(nn.Module):
+    """Activation quantizer module around :func:`quantize_activation` for ``ActSlot``s.
+
+    In training mode it uses the per-sample sigma last given by :func:`set_sigma` (sigma = 2 if none was
+    set, i.e. ``scaling="none"``); in eval mode it always uses ``eval_sigma`` (2, as in the CIFAR/SynDigits
+    code; ``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet eval quirk ``p=[1]``, §1.2, §5.2).
+    """
+
+    def __init__(self, bits: int, act_range: float = 2.0, eval_sigma: float = 2.0) -> None:
+        super().__init__()
+        self.bits = _check_bits(bits)
+        if not act_range > 0 or not eval_sigma > 0:
+            raise ValueError(f"act_range={act_range} and eval_sigma={eval_sigma} must be > 0")
+        self.act_range = float(act_range)
+        self.eval_sigma = float(eval_sigma)
+        self.sigma: Tensor | float | None = None  # per-batch state set by set_sigma, not a parameter
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            sigma: Tensor | float = self.eval_sigma
+        else:
+            sigma = 2.0 if self.sigma is None else self.sigma
+        return quantize_activation(x, self.bits, sigma, self.act_range)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, act_range={self.act_range}, eval_sigma={self.eval_sigma}"
+
+
+def set_sigma(model: nn.Module, sigma: Tensor | float | None) -> int:
+    """Give every :class:`ClimbQActivation` in ``model`` the training sigma for the next forward (§1.2).
+
+    ``sigma`` is :func:`batch_sigma`'s [B] tensor, a float, or ``None`` (back to sigma = 2). Returns how many
+    quantizers were set (0 for a model without ClimbQ activation quantizers, e.g. during FP32 pretraining).
+    """
+    if isinstance(sigma, Tensor):
+        if sigma.ndim > 1:
+            raise ValueError(f"sigma must be a scalar or a [B] tensor, got shape {tuple(sigma.shape)}")
+        sigma = sigma.detach()
+    elif sigma is not None and not float(sigma) > 0:
+        raise ValueError(f"sigma={sigma} must be > 0")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ClimbQActivation):
+            m.sigma = sigma
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------- §1.4 HomoVar
+
+
+def homovar_beta(counts: Tensor, n_lb: Tensor, n_ub: Tensor, beta: float = 0.999) -> Tensor:
+    """Per-class beta from the bounds (§1.4 step 7): ``beta^(1/(n_lb - n))`` below, ``beta^(1/(n - n_ub))``
+    above, ``beta`` inside; a NaN bound compares False and falls in the last case, as in the original."""
+    below, above = counts < n_lb, counts > n_ub
+    dist = torch.where(below, n_lb - counts, n_ub - counts).abs()
+    return torch.where(below | above, beta ** (1 / dist), torch.full_like(counts, beta))
+
+
+def class_balanced_weights(beta: Tensor, counts: Tensor) -> Tensor:
+    """Cui et al. (2019) effective-number weights (§1.4 step 8): ``w_k = (1 - b_k)/(1 - b_k^{n_k})``,
+    renormalised to ``K w / sum w``."""
+    w = (1 - beta) / (1 - beta**counts)
+    return w * (beta.numel() / w.sum())
+
+
+@dataclass(frozen=True)
+class HomoVarStep:
+    """Diagnostics of one HomoVar step (detached float64 tensors on the statistics' device).
+
+    Per class: ``counts`` (the n_k used for the bounds and weights), ``n_lb``, ``n_ub``, ``beta``,
+    ``weights``, ``out_of_bounds``; ``fraction_out`` of classes out of bounds and Levene's ``W`` = ssb/ssw
+    (the original's statistic; NaN when undefined). ``bounds`` holds every intermediate (§1.4 steps 3-6);
+    in ``counts="batch"`` mode its rows are the classes present in the batch, ``classes``.
+    """
+
+    counts: Tensor
+    n_lb: Tensor
+    n_ub: Tensor
+    beta: Tensor
+    weights: Tensor
+    out_of_bounds: Tensor
+    fraction_out: Tensor
+    W: Tensor
+    bounds: HomogeneityBounds | None
+    classes: Tensor
+
+    def frame(self) -> pd.DataFrame:
+        """Per-class table: n, n_lb, n_ub, beta, weight, out_of_bounds."""
+        cols = {"n": self.counts, "n_lb": self.n_lb, "n_ub": self.n_ub, "beta": self.beta,
+                "weight": self.weights, "out_of_bounds": self.out_of_bounds}
+        df = pd.DataFrame({k: v.detach().cpu().numpy() for k, v in cols.items()})
+        df.index.name = "class"
+        return df
+
+
+def _check_homovar_inputs(logits: Tensor, labels: Tensor, features: Tensor, alpha: float, beta: float,
+                          base: str) -> tuple[Tensor, Tensor]:
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or not logits.dtype.is_floating_point:
+        raise ValueError("logits must be a float [B, K] tensor")
+    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be an integer [B] tensor matching logits' batch {logits.shape[0]}")
+    if labels.numel() == 0:
+        raise ValueError("the batch is empty: HomoVar needs at least one sample")
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"labels must be class ids in [0, {logits.shape[1]}) (K from the logits), "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
+    if not isinstance(features, Tensor) or features.ndim < 2 or features.shape[0] != logits.shape[0]:
+        raise ValueError("features must be the [B, D] penultimate features (the FC's input) of this batch")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha} must be in (0, 1)")
+    if not 0 < beta < 1:
+        raise ValueError(f"beta={beta} must be in (0, 1) (the original's beta_factor is 0.999)")
+    if base not in ("bce", "ce"):
+        raise ValueError(f"base={base!r}: use 'bce' (the original: BCE on softmax) or 'ce' (cross entropy)")
+    return labels.long(), features.flatten(1)
+
+
+def _weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base) -> Tensor:
+    """§1.4 step 9: ``1/(BK) sum_{i,k} w_{y_i} BCE(softmax_ik, 1[y_i = k])`` or ``mean_i w_{y_i} CE_i``."""
+    w_i = w.to(device=logits.device, dtype=logits.dtype)[labels]
+    if base == "ce":
+        return (w_i * F.cross_entropy(logits, labels, reduction="none")).mean()
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # BCE is unsafe under autocast
+        probs = (logits if logits.dtype == torch.float64 else logits.float()).softmax(dim=1)
+        target = F.one_hot(labels, logits.shape[1]).to(probs.dtype)
+        weight = w_i.to(probs.dtype)[:, None].expand_as(probs)
+        return F.binary_cross_entropy(probs, target, weight=weight).to(logits.dtype)
+
+
+def _homovar(
+    logits: Tensor, labels: Tensor, features: Tensor, counts: Sequence[float] | np.ndarray | Tensor | str,
+    alpha: float, beta: float, base: Base, mask_zeros: bool,
+) -> tuple[Tensor, HomoVarStep]:
+    y, feats = _check_homovar_inputs(logits, labels, features, alpha, beta, base)
+    k = logits.shape[1]
+    feats = feats.detach()  # no gradient through the statistics: the original copies the weights (step 8)
+    if isinstance(counts, str):
+        if counts != "batch":
+            raise ValueError(f"counts={counts!r}: pass the per-class dataset counts or 'batch'")
+        return _homovar_batch(logits, y, feats, k, alpha, beta, base, mask_zeros)
+
+    n_np = check_class_counts(counts)
+    if n_np.size != k:
+        raise ValueError(f"counts has {n_np.size} classes but logits have K={k}")
+    z = dispersion(feats, y, "mean", "l1", mask_zeros, counts=n_np)  # float64 (§5.10)
+    bounds = homogeneity_bounds(z, y.to(z.device), n_np, alpha)
+    b = homovar_beta(bounds.counts, bounds.n_lb, bounds.n_ub, beta)
+    w = class_balanced_weights(b, bounds.counts)
+    out = bounds.out_of_bounds
+    step = HomoVarStep(counts=bounds.counts, n_lb=bounds.n_lb, n_ub=bounds.n_ub, beta=b, weights=w,
+                       out_of_bounds=out, fraction_out=out.double().mean(), W=bounds.W, bounds=bounds,
+                       classes=torch.arange(k, device=z.device))
+    return _weighted_loss(logits, y, w, base), step
+
+
+def _homovar_batch(logits: Tensor, y: Tensor, feats: Tensor, k: int, alpha: float, beta: float, base: Base,
+                   mask_zeros: bool) -> tuple[Tensor, HomoVarStep]:
+    """``counts="batch"``: textbook Levene over the classes present in the batch (actual sizes, weighted
+    grand mean, no z != 0 mask); beta compares the batch count with the bounds; weights from batch counts,
+    normalised over the present classes (absent classes get weight 0: they enter no loss term)."""
+    dev = torch.device("cpu") if feats.device.type == "mps" else feats.device  # mps has no float64
+    b_all = torch.bincount(y, minlength=k).to(device=dev, dtype=torch.float64)
+    present = b_all > 0
+    classes = torch.nonzero(present).flatten()
+    kp, big_b = int(classes.numel()), int(y.numel())
+    n_lb = torch.full((k,), torch.nan, dtype=torch.float64, device=dev)
+    n_ub = n_lb.clone()
+    b_full = torch.full((k,), beta, dtype=torch.float64, device=dev)
+    bounds, w_stat = None, torch.tensor(torch.nan, dtype=torch.float64, device=dev)
+    if kp >= 2 and big_b > kp:
+        remap = torch.cumsum(present.long(), 0) - 1
+        yp = remap[y.to(dev)]
+        bc = b_all[classes]
+        z = dispersion(feats, yp, "mean", "l1", mask_zeros)
+        bounds = homogeneity_bounds(z, yp, bc, alpha, grand_mean="weighted", mask_zero_z=False)
+        n_lb[classes], n_ub[classes] = bounds.n_lb, bounds.n_ub
+        b_full[classes] = homovar_beta(bc, bounds.n_lb, bounds.n_ub, beta)
+        w_stat = bounds.W
+    w_p = class_balanced_weights(b_full[classes], b_all[classes])
+    w = torch.zeros(k, dtype=torch.float64, device=dev)
+    w[classes] = w_p
+    out = (b_all < n_lb) | (b_all > n_ub)
+    step = HomoVarStep(counts=b_all, n_lb=n_lb, n_ub=n_ub, beta=b_full, weights=w, out_of_bounds=out,
+                       fraction_out=out[classes].double().mean(), W=w_stat, bounds=bounds, classes=classes)
+    return _weighted_loss(logits, y, w, base), step
+
+
+def homovar_loss(
+    logits: Tensor,
+    labels: Tensor,
+    features: Tensor,
+    counts: Sequence[float] | np.ndarray | Tensor | Literal["batch"],
+    alpha: float = 0.05,
+    beta: float = 0.999,
+    *,
+    base: Base = "bce",
+    mask_zeros: bool = True,
+) -> Tensor:
+    """ClimbQ's HomoVar loss (§1.4), faithful by default; it *replaces* cross entropy (§5.6).
+
+    ``counts`` are the per-class *dataset* training counts n_k (``num_cls_data/result{gamma}.json`` or
+    :func:`paperlib.data.long_tail.long_tail_counts`); ``features`` the [B, D] penultimate features (the FC's
+    input). Steps 1-6 (:func:`paperlib.levene.dispersion` with the batch-sum/dataset-count mean and the zero
+    mask, then :func:`paperlib.levene.homogeneity_bounds`: unweighted grand mean, abs of the roots, NaN for
+    a negative discriminant), step 7 :func:`homovar_beta`, step 8 :func:`class_balanced_weights` (detached,
+    float64 then cast to the logits' dtype, §5.10), step 9 the weighted BCE on softmax
+    (``base="ce"``: ``mean_i w_{y_i} CE_i`` instead). ``counts="batch"`` is the textbook-Levene variant.
+    Vectorised with ``index_add``: no [B, K, D] tensor, no loop over classes or samples. A zero-count class
+    raises the generator's error (it would make the loss NaN, §5.4).
+    """
+    return _homovar(logits, labels, features, counts, alpha, beta, base, mask_zeros)[0]
+
+
+class HomoVarLoss(nn.Module):
+    """:func:`homovar_loss` as a module; ``last`` holds the :class:`HomoVarStep` diagnostics of the last call.
+
+    ``HomoVarLoss(counts)(logits, labels, features)``; counts are validated once here (a zero-count class
+    raises the generator's error).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[float] | np.ndarray | Tensor | Literal["batch"],
+        alpha: float = 0.05,
+        beta: float = 0.999,
+        *,
+        base: Base = "bce",
+        mask_zeros: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(counts, str):
+            if counts != "batch":
+                raise ValueError(f"counts={counts!r}: pass the per-class dataset counts or 'batch'")
+            self.counts: np.ndarray | str = counts
+        else:
+            self.counts = check_class_counts(counts)
+        if not 0 < alpha < 1 or not 0 < beta < 1:
+            raise ValueError(f"alpha={alpha} and beta={beta} must be in (0, 1)")
+        if base not in ("bce", "ce"):
+            raise ValueError(f"base={base!r}: use 'bce' (the original) or 'ce'")
+        self.alpha, self.beta, self.base, self.mask_zeros = alpha, beta, base, mask_zeros
+        self.last: HomoVarStep | None = None
+
+    def forward(self, logits: Tensor, labels: Tensor, features: Tensor) -> Tensor:
+        loss, self.last = _homovar(logits, labels, features, self.counts, self.alpha, self.beta, self.base,
+                                   self.mask_zeros)
+        return loss
+
+    def extra_repr(self) -> str:
+        k = "batch" if isinstance(self.counts, str) else f"K={self.counts.size}"
+        return f"{k}, alpha={self.alpha}, beta={self.beta}, base={self.base!r}, mask_zeros={self.mask_zeros}"
