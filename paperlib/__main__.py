@@ -1,4 +1,4 @@
-"""Command line: ``python -m paperlib reproduce | figures | lab``."""
+"""Command line: ``python -m paperlib reproduce | figures | levene | lab``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,29 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _levene(args: argparse.Namespace) -> int:
+    from .levene import levene_features
+    from .levene_io import FeatureFileError, read_feature_file
+
+    try:
+        features, labels = read_feature_file(args.file, args.label_column)
+        res = levene_features(features, labels, alpha=args.alpha, center=args.center, mask_zeros=not args.keep_zeros)
+    except (FeatureFileError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verdict = "homogeneous" if res.homogeneous else "NOT homogeneous"
+    print(f"Levene's test (center={res.center}) over {res.num_classes} classes, {res.num_samples} samples, "
+          f"{features.shape[1]} feature dim(s)")
+    print(f"W = {res.W:.6g}, p = {res.p:.4g}, F* = {res.F_star:.6g} at alpha = {res.alpha}: variances are {verdict}")
+    print(res.frame.to_string(index=False))
+    if args.out:
+        from .runs import write_csv
+
+        write_csv(args.out, res.frame.assign(W=res.W, p=res.p, F_star=res.F_star, homogeneous=res.homogeneous))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _lab(args: argparse.Namespace) -> int:
     import os
 
@@ -57,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("figures", help="redraw every figure in figures/ from runs/ without training")
     p.set_defaults(func=_figures)
+    p = sub.add_parser("levene", help="Levene's variance-homogeneity test of class-wise features in a file")
+    p.add_argument("file", help="CSV with a label column and feature columns, or .npz with features and labels")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--center", default="mean", choices=["mean", "median", "trimmed"])
+    p.add_argument("--keep-zeros", action="store_true", help="count exactly-zero feature entries (ClimbQ skips them)")
+    p.add_argument("--out", help="write the per-class table (with W, p, F*) as CSV")
+    p.set_defaults(func=_levene)
     p = sub.add_parser("lab", help="start JupyterLab on localhost with the project's kernel")
     p.add_argument("extra", nargs="*")
     p.set_defaults(func=_lab)

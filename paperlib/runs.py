@@ -73,6 +73,16 @@ def write_json(path: str | Path, value: Any) -> Path:
     return path
 
 
+def write_csv(path: str | Path, frame: Any) -> Path:
+    """Atomically write a pandas frame as CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
