@@ -15,6 +15,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     eval_every: int = 1
+    amp: str = "none"  # "none" | "bf16": autocast the training forward (GPU path; also works on CPU)
+    channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on GPUs)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}: the learning rate must be positive")
         if self.scheduler not in ("cosine", "multistep", "none"):
             raise ValueError(f"scheduler={self.scheduler!r}: use 'cosine', 'multistep' or 'none'")
+        if self.amp not in ("none", "bf16"):
+            raise ValueError(f"amp={self.amp!r}: use 'none' or 'bf16'")
 
 
 class Callback:
@@ -242,7 +247,9 @@ def fit(
     cfg = config or TrainConfig()
     dev = resolve_device(device)
     seed_everything(cfg.seed, device=dev)
-    model.to(dev)
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    model.to(dev, memory_format=memory_format)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" else nullcontext
     if isinstance(train, InMemoryData):
         if len(train) == 0:
             raise ValueError("the training set is empty: check the data split or subset")
@@ -277,10 +284,12 @@ def fit(
         n_seen = 0
         first_bad = torch.full((), -1, device=dev, dtype=torch.long)
         for i, (x, y) in enumerate(tqdm(loader, desc=f"epoch {epoch}", disable=not show, leave=False)):
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x = x.to(dev, non_blocking=True, memory_format=memory_format)
+            y = y.to(dev, non_blocking=True)
             for cb in callbacks:
                 cb.before_batch(model, x, y)
-            loss = criterion(model, x, y)
+            with autocast():
+                loss = criterion(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for cb in callbacks:
