@@ -275,7 +275,7 @@ def fit(
     for cb in callbacks:
         cb.on_train_start(model, opt)
     show = show_progress() if progress is None else progress
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", disable=not show, leave=False)
     for epoch in epochs:

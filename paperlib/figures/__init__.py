@@ -60,6 +60,18 @@ def render_figures(notebook: str, metrics: dict[str, Any], out_dir: str | Path |
     return figs
 
 
+def show(figures: dict[str, Figure] | Figure, dpi: int = 110) -> None:
+    """Display figures in a notebook as PNG images (pyplot-free figures have no inline display of their own)."""
+    import io
+
+    from IPython.display import Image, display
+
+    for fig in figures.values() if isinstance(figures, dict) else [figures]:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        display(Image(data=buf.getvalue(), format="png"))
+
+
 def regenerate(runs_root: Path | None = None, figures_root: Path | None = None,
                notebooks: list[str] | None = None) -> dict[str, list[str]]:
     """Redraw the figures of the latest successful run of each notebook into ``figures/``; no training."""
