@@ -64,7 +64,7 @@ def _lab(args: argparse.Namespace) -> int:
 
     _kernel_env()
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={paths.notebooks_dir()}",
-           "--ip=127.0.0.1", "--no-browser", *args.extra]
+           "--ip=127.0.0.1", "--no-browser", *(["--allow-root"] if os.geteuid() == 0 else []), *args.extra]
     os.execv(sys.executable, cmd)
     return 0
 
