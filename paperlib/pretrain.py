@@ -22,9 +22,11 @@ from .data.tensors import InMemoryData
 from .models import create_model
 from .train import TrainConfig, evaluate, fit, resolve_device, save_checkpoint
 
+CACHE_VERSION = 2  # bump when the way a cached network is trained changes
+
 
 def cache_key(model_name: str, model_kwargs: dict[str, Any], cfg: TrainConfig, train: InMemoryData) -> str:
-    blob = json.dumps({"model": model_name, "kwargs": model_kwargs, "cfg": asdict(cfg),
+    blob = json.dumps({"version": CACHE_VERSION, "model": model_name, "kwargs": model_kwargs, "cfg": asdict(cfg),
                        "data": train.fingerprint(), "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -34,6 +36,7 @@ def pretrained_fp32(model_name: str, model_kwargs: dict[str, Any], train: InMemo
                     cache_dir: str | Path | None = None, progress: bool | None = None) -> tuple[nn.Module, dict]:
     """``(model, test_report)`` of an FP32 ``create_model(model_name, **model_kwargs)`` trained with ``cfg``."""
     dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only, not on earlier RNG use
     model = create_model(model_name, **model_kwargs)
     path = Path(cache_dir or paths.runs_dir() / "_cache") / f"fp32-{cache_key(model_name, model_kwargs, cfg, train)}.pt"
     if use_cache and path.is_file():

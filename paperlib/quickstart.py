@@ -13,8 +13,8 @@ import pandas as pd
 from torch import nn
 
 from .data.load import load_dataset
-from .models import create_model
 from .presets import register_presets
+from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
 from .stats import format_mean_ci, summarize
 from .train import TrainConfig, evaluate, fit, resolve_device
@@ -47,12 +47,11 @@ def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = ""
     for seed in cfg["seeds"]:
         fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["batch_size"], seed=seed,
                              augment=cfg["augment"])
-        model = create_model("resnet20", num_classes=train.num_classes, in_channels=train.x.shape[1],
-                             shortcut="B", act_position="post_relu")
-        res = fit(model, train, test, fp_cfg, device=dev, progress=progress)
-        rows.append({"seed": seed, "method": "FP32", "bits": 32, "top1": res.final["top1"],
-                     "balanced_accuracy": res.final["balanced_accuracy"]})
-        histories[f"FP32/seed{seed}"] = res.history
+        kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1], "shortcut": "B",
+                  "act_position": "post_relu"}
+        model, report = pretrained_fp32("resnet20", kwargs, train, test, fp_cfg, device=dev, progress=progress)
+        rows.append({"seed": seed, "method": "FP32", "bits": 32, "top1": report["top1"],
+                     "balanced_accuracy": report["balanced_accuracy"]})
         for bits in cfg["bits"]:
             q = uniform_qat(model, bits, cfg["act_clip"])
             q_cfg = TrainConfig(epochs=cfg["qat_epochs"], lr=cfg["qat_lr"], batch_size=cfg["batch_size"],

@@ -6,7 +6,6 @@ loader and batched augmentation.
 from __future__ import annotations
 
 from .augment import RandomCropFlip, random_crop_flip
-from .cifar import CIFAR_STATS, export_cifar_to_folder, load_cifar, open_cifar
 from .digits import DIGITS_CLASSES, DIGITS_COUNTS, load_digits
 from .errors import DataError, DataTypeError
 from .long_tail import (
@@ -16,16 +15,24 @@ from .long_tail import (
     read_class_counts,
     write_long_tail_manifests,
 )
-from .manifest import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ManifestDataset,
-    load_manifest_tensors,
-    manifest_loader,
-    manifest_transform,
-    read_manifest,
-)
 from .tensors import InMemoryData, TensorLoader, normalize_uint8, resolve_device
+
+# CIFAR and image-folder loaders import torchvision (seconds); load them on first use.
+_LAZY = {
+    "CIFAR_STATS": "cifar", "export_cifar_to_folder": "cifar", "load_cifar": "cifar", "open_cifar": "cifar",
+    "IMAGENET_MEAN": "manifest", "IMAGENET_STD": "manifest", "ManifestDataset": "manifest",
+    "load_manifest_tensors": "manifest", "manifest_loader": "manifest", "manifest_transform": "manifest",
+    "read_manifest": "manifest",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CIFAR_STATS",
