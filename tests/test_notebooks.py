@@ -1,5 +1,6 @@
 """Every notebook executed with papermill at the smoke preset; assertions on the metrics it records."""
 
+import nbformat
 import pytest
 
 from paperlib.figures import regenerate
@@ -29,6 +30,9 @@ def test_quickstart_smoke(run_dirs, tmp_path):
     assert s["FP32"]["top1_mean"] >= 0.90  # measured 0.96-0.98 at the smoke preset
     assert s["uniform W4A4"]["top1_mean"] >= 0.80
     assert res.key_value == s["FP32"]["top1_mean"]
+    executed = nbformat.read(res.run_dir / "00_quickstart.ipynb", as_version=4)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the figure is not displayed as an image"
     published = {p.name: p.read_bytes() for p in figs.iterdir()}
     assert set(published) == {"quickstart_accuracy.png", "quickstart_accuracy.pdf"}
     # figures regenerate from runs/ alone, byte for byte
