@@ -26,3 +26,26 @@ def resolve_device(device: DeviceLike = None, default: str = "auto") -> torch.de
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here: use device='auto' or 'cpu'")
     return dev
+
+
+class cpu_threads:  # noqa: N801 (used as a context manager, like torch.no_grad)
+    """``with cpu_threads(n):`` runs the block with ``torch.set_num_threads(n)`` and restores the old value.
+
+    ``n = 0`` leaves torch's setting. Tiny networks (ResNet-20 at 8x8) train several times faster on one
+    thread than on two on a 2-core machine, where thread wake-ups dominate the small kernels.
+    """
+
+    def __init__(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"threads={n}: use 0 (torch's default) or a positive count")
+        self.n = n
+        self.old = 0
+
+    def __enter__(self) -> cpu_threads:
+        self.old = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.old)

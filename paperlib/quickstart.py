@@ -13,6 +13,7 @@ import pandas as pd
 from torch import nn
 
 from .data.load import load_dataset
+from .device import cpu_threads
 from .presets import register_presets
 from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
@@ -21,11 +22,14 @@ from .train import TrainConfig, evaluate, fit, resolve_device
 
 register_presets("00_quickstart", {
     "smoke": {"dataset": "digits", "image_size": 8, "seeds": [0], "fp_epochs": 4, "qat_epochs": 2,
-              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False},
+              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False,
+              "threads": 1},
     "default": {"dataset": "digits", "image_size": 8, "seeds": [0, 1, 2], "fp_epochs": 15, "qat_epochs": 8,
-                "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False},
+                "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False,
+                "threads": 1},
     "paper": {"dataset": "cifar10", "image_size": 32, "seeds": [0, 1, 2], "fp_epochs": 200, "qat_epochs": 100,
-              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.01, "bits": [4, 2], "act_clip": 4.0, "augment": True},
+              "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.01, "bits": [4, 2], "act_clip": 4.0, "augment": True,
+              "threads": 0},
 })
 
 
@@ -39,6 +43,11 @@ def uniform_qat(model: nn.Module, bits: int, act_clip: float = 1.0) -> nn.Module
 def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
                    progress: bool | None = None) -> dict[str, Any]:
     """Train FP32 then fine-tune uniform W{b}A{b} from it for each seed; return the metrics dict."""
+    with cpu_threads(cfg["threads"]):
+        return _run_quickstart(cfg, device, data_dir, progress)
+
+
+def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
     dev = resolve_device(device)
     train, test = load_dataset(cfg["dataset"], data_dir or None, size=cfg["image_size"],
                                channels=3 if cfg["dataset"] != "digits" else 1, device=dev)
