@@ -8,7 +8,11 @@ Spec: ``shared/papers/cbp.md`` (cited as "spec §"). Read top to bottom:
 3. the windowed sawtooth constraint ``cs(w; Q, g)`` with the subgradient of spec §1.4 as its autograd
    gradient (:func:`constraint`, :func:`windows`), and the constraint-failure score (:func:`cfs`, §1.8),
 4. the training controller :class:`CBP` (spec §1.5): per-weight multipliers λ, the event rule, the window
-   schedule ``g``, the single lr drop, gradient clipping, weight clamping, checkpointable state.
+   schedule ``g``, the single lr drop, gradient clipping, weight clamping, checkpointable state,
+5. the paper's ImageNet hyper-parameters (:func:`paper_hparams`),
+6. the experiment of ``notebooks/cbp.ipynb``: presets, :func:`post_train` (one run through
+   :func:`paperlib.train.fit`, resumable), :func:`run_cbp_experiment` (FP net, projection, the Table 4
+   variants over sets and seeds, JSON-native metrics), the tables and :func:`check_expectations` (spec §4).
 
 The controller drives any loop. A hand-written loop::
 
@@ -50,16 +54,21 @@ Weight decay, batch size and lr per architecture (§3 #3, #4, #12) are training-
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .presets import register_presets
 from .quant.core import QuantConv2d, QuantLinear, quantize_model
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,6 +442,7 @@ class CBP:
         self._l_sum: Tensor | None = None
         self._batches: int = 0
         self._optimizer: torch.optim.Optimizer | None = None
+        self._flat: tuple[Tensor, Tensor, Tensor] | None = None
 
     # --- structure -------------------------------------------------------------------------------------
     @staticmethod
@@ -458,6 +468,7 @@ class CBP:
         pairs = zip(self.lambdas, ws, strict=True)
         if all(lam.device == w.device and lam.dtype == w.dtype for lam, w in pairs):
             return
+        self._invalidate()
         state = self._lambda_opt.state_dict()
         self.lambdas = [lam.detach().to(w) for lam, w in zip(self.lambdas, ws, strict=True)]
         self._lambda_opt = self._make_lambda_optimizer()
@@ -493,6 +504,7 @@ class CBP:
     @torch.no_grad()
     def set_scales(self) -> None:
         """``s_l = mean|W_l|`` for every constrained layer (spec §1.2)."""
+        self._invalidate()
         for layer in self.layers.values():
             layer.weight_quantizer.set_scale(layer.weight)
 
@@ -509,19 +521,41 @@ class CBP:
             cs, _ = _constraint_and_slope(w.detach(), q, r)
             lam.grad = -cs
         self._lambda_opt.step()
+        self._invalidate()
         for lam in self.lambdas:
             lam.grad = None
 
     def penalty(self) -> Tensor:
-        """``Σ_l Σ_j λ_lj · cs(w_lj; Q_l, g)``, λ detached (paper Eq. 7, spec §1.1): add it to the loss."""
+        """``Σ_l Σ_j λ_lj · cs(w_lj; Q_l, g)``, λ detached (paper Eq. 7, spec §1.1): add it to the loss.
+
+        Computed in one pass over all constrained weights as ``Σ λ·s·cs(w/s; F, g)`` (``cs`` is
+        positively homogeneous: ``cs(w; sF, g) = s·cs(w/s; F, g)``, and the gradient wrt ``w`` is the same
+        ±2λ), so the per-step cost does not grow with the number of layers. It equals the per-layer sum up
+        to float rounding (and weights within an ulp of a window edge).
+        """
         self._sync_device()
         ws = self._weights()
         if self.config.variant == "ste":
             return ws[0].new_zeros(())
         r = _check_g(self.g_effective)
-        terms = [(lam.detach() * _Constraint.apply(w, q, r)).sum()
-                 for lam, w, q in zip(self.lambdas, ws, self._levels(), strict=True)]
-        return torch.stack(terms).sum()
+        s, lam_s, factors = self._flat_constants()
+        w = torch.cat([w.reshape(-1) for w in ws]) if len(ws) > 1 else ws[0].reshape(-1)
+        return (lam_s * _Constraint.apply(w / s, factors, r)).sum()
+
+    def _flat_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-element scale ``s``, ``λ·s`` (flat, detached) and the factor set ``F``; cached until λ, the
+        scales, the device or the dtype change (:meth:`_invalidate`)."""
+        if self._flat is None:
+            ws = self._weights()
+            s = torch.cat([layer.weight_quantizer.scale.detach().to(w).expand(w.numel())
+                           for layer, w in zip(self.layers.values(), ws, strict=True)])
+            lam = torch.cat([lam.detach().reshape(-1) for lam in self.lambdas])
+            factors = torch.tensor(MODES[self.config.mode], dtype=ws[0].dtype, device=ws[0].device)
+            self._flat = (s, lam * s, factors)
+        return self._flat
+
+    def _invalidate(self) -> None:
+        self._flat = None
 
     def lagrangian(self, loss: Tensor) -> Tensor:
         """``loss + penalty()``; accumulates the detached value into this epoch's ``L_sum`` (spec §1.5a)."""
@@ -608,23 +642,23 @@ class CBP:
         of the layer's scale; equals ``CFS / (2 s)`` with one scale).
         """
         self._sync_device()
-        n = 0
-        y_sum = y_rel = near = outside = lam_sum = 0.0
-        lam_max = 0.0
-        for lam, w, q, layer in zip(self.lambdas, self._weights(), self._levels(), self.layers.values(),
-                                    strict=True):
-            s = float(layer.weight_quantizer.scale)
-            y, _ = _constraint_and_slope(w.detach(), q, 1.0)
-            y = y.double()
-            y_sum += float(y.sum())
-            y_rel += float(y.sum()) / (2 * s)
-            near += float((y <= 2 * 0.01 * s).sum())
-            outside += float(((w < q[0]) | (w > q[-1])).sum())
-            lam_sum += float(lam.double().sum())
-            lam_max = max(lam_max, float(lam.max()))
-            n += w.numel()
-        return {"cfs": y_sum / n, "cfs_scale_free": y_rel / n, "lambda_mean": lam_sum / n,
-                "lambda_max": lam_max, "near_level_frac": near / n, "outside_frac": outside / n}
+        s, _, factors = self._flat_constants()
+        u = self.normalized_weights()
+        y, _ = _constraint_and_slope(u, factors, 1.0)  # Y(w) / s
+        y = y.double()
+        lam = torch.cat([lam.detach().reshape(-1) for lam in self.lambdas]).double()
+        outside = (u < factors[0]) | (u > factors[-1])
+        values = torch.stack([(y * s.double()).mean(), y.mean() / 2, lam.mean(), lam.max(),
+                              (y <= 2 * 0.01).double().mean(), outside.double().mean()]).tolist()  # one sync
+        return dict(zip(("cfs", "cfs_scale_free", "lambda_mean", "lambda_max", "near_level_frac", "outside_frac"),
+                        values, strict=True))
+
+    @torch.no_grad()
+    def normalized_weights(self) -> Tensor:
+        """All constrained latent weights in units of their layer's scale, ``w / s_l``, as one flat tensor."""
+        self._sync_device()
+        s, _, _ = self._flat_constants()
+        return torch.cat([w.detach().reshape(-1) for w in self._weights()]) / s
 
     # --- hooks (``paperlib.train.Callback`` protocol) ---------------------------------------------------
     def on_train_start(self, model: nn.Module | None = None,
@@ -682,6 +716,7 @@ class CBP:
                 raise ValueError(f"CBP state has {key}={state['config'][key]!r} but this CBP has "
                                  f"{key}={getattr(self.config, key)!r}: build CBP with the same options")
         self._sync_device()
+        self._invalidate()
         for lam, saved in zip(self.lambdas, state["lambdas"], strict=True):
             if lam.shape != saved.shape:
                 raise ValueError(f"λ shape {tuple(saved.shape)} in the state != {tuple(lam.shape)}")
@@ -723,7 +758,782 @@ def paper_hparams(arch: str, mode: str) -> dict[str, Any]:
     }
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The experiment of ``notebooks/cbp.ipynb`` (spec §2 tables, §4 small-scale claims)
+# ---------------------------------------------------------------------------------------------------------
+#
+# One FP network per architecture (digits: ResNet-20 trained once by ``pretrained_fp32``; ImageNet: the
+# user's torchvision/author checkpoint), then post-training per quantization set and variant: "ste" (λ ≡ 0),
+# "cbp", "no_window" (Table 4), over seeds that change only the mini-batch order (as the paper's ±, Table 2).
+# Every run records per-period logs (spec §4: CFS, scale-free CFS, g, events, λ mean/max, L_sum) and the
+# checks of §4's expectations are computed from them (:func:`check_expectations`).
+
+SETS = tuple(MODES)
+VARIANT_LABELS = {"cbp": "CBP", "no_window": "CBP without window", "ste": "plain STE (λ ≡ 0)"}
+SET_LABELS = {"bin": "binary", "ter": "ternary", "1bit": "1-bit shift", "2bit": "2-bit shift"}
+
+#: ImageNet top-1 / top-5 (%) of the paper (spec §2, Tables 1-3): ``{arch: {set or "fp": (top1, top5)}}``.
+PAPER_IMAGENET: dict[str, dict[str, tuple[float, float]]] = {
+    "alexnet_bn": {"fp": (60.0, 82.4), "bin": (58.0, 80.6), "ter": (58.8, 81.2), "1bit": (60.8, 82.6),
+                   "2bit": (60.9, 82.8)},
+    "resnet18": {"fp": (69.6, 89.2), "bin": (66.6, 87.1), "ter": (68.9, 88.5), "1bit": (69.4, 88.8),
+                 "2bit": (69.4, 88.8)},
+    "resnet50": {"fp": (76.0, 93.0), "bin": (74.4, 92.1), "ter": (75.0, 92.5), "1bit": (76.0, 92.9),
+                 "2bit": (75.9, 92.9)},
+}
+#: Table 4 (ResNet-18, binary, ImageNet): ``{variant: (top1, top5, CFS)}``.
+PAPER_TABLE4: dict[str, tuple[float, float, float]] = {
+    "cbp": (66.6, 87.1, 1.19e-3), "no_window": (60.2, 82.7, 1.05e-5), "ste": (64.6, 85.9, 3.58e-2),
+}
+#: Pretrained checkpoints the paper starts from (spec §1.6), looked up under ``data_dir`` (never downloaded).
+PAPER_WEIGHTS = {"resnet18": "weights/resnet18-5c106cde.pth", "resnet50": "weights/resnet50-19c8e357.pth",
+                 "alexnet_bn": "weights/alexnet_pretrained.pth"}
+
+_DIGITS_COMMON = {
+    "dataset": "digits", "image_size": 8, "archs": ["resnet20"], "sets": list(SETS),
+    "variants": ["ste", "cbp", "no_window"], "ablation_archs": ["resnet20"], "ablation_sets": list(SETS),
+    "fp_lr": 0.1, "fp_batch_size": 128, "fp_seed": 0,
+    # post-training, scaled for tiny data (spec §4): SGD lr 3e-3 (paper 1e-3), lr_lambda 2e-2 (paper 1e-4);
+    # a "period" (the paper's epoch: one L_sum, one chance of an event) of ``period_steps`` mini-batches and
+    # p_max = 3 (paper: ~5000 steps per epoch, p_max = 20), so that ~13 events (g = 1..10, 20 with the lr
+    # drop, 30, 40) fit into ~5 passes over the 1,347 training images.
+    "hparams": "preset", "lr": 0.003, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64,
+    "lr_lambda": 0.02, "p_max": 3, "lambda_optimizer": "adam", "recompute_scale": False,
+    "color_jitter": False, "num_workers": 0, "checkpoint": False, "hist_bins": 121, "hist_range": 3.0,
+}
+
+register_presets("cbp", {
+    "smoke": {**_DIGITS_COMMON, "sets": ["bin", "ter"], "ablation_sets": ["bin", "ter"], "seeds": [0],
+              "fp_epochs": 6, "periods": 10, "period_steps": 2, "p_max": 2, "eval_every": 10, "workers": 1,
+              "threads": 1},
+    "default": {**_DIGITS_COMMON, "seeds": [0, 1, 2], "fp_epochs": 15, "periods": 36, "period_steps": 3,
+                "eval_every": 36, "workers": 2, "threads": 1},
+    # ImageNet from data_dir (train.csv / val.csv image,label manifests), the paper's pretrained weights and
+    # hyper-parameters (``hparams="paper"``: :func:`paper_hparams` per arch and set); a period is one epoch.
+    # The paper does not state its number of epochs (spec §3 #8, §6 Q1): 60 here, >= 12 events at p_max 20
+    # only if the loss rule fires; raise ``periods`` to match a log's g/event count.
+    "paper": {**_DIGITS_COMMON, "dataset": "imagenet", "image_size": 224,
+              "archs": ["resnet18", "resnet50", "alexnet_bn"], "ablation_archs": ["resnet18"],
+              "ablation_sets": ["bin"], "seeds": [0, 1, 2], "fp_epochs": 0, "hparams": "paper",
+              "periods": 60, "period_steps": 0, "eval_every": 1, "workers": 1, "threads": 0, "num_workers": 8,
+              "checkpoint": True},
+})
+
+
+class PeriodLoader:
+    """Mini-batches of an :class:`~paperlib.data.InMemoryData` in periods of ``steps`` batches.
+
+    Iterating yields the next ``steps`` batches of an endless stream of seeded shuffled passes (a period may
+    straddle two passes). CBP's schedule counts periods (one ``L_sum``, one chance of an event per period):
+    on tiny data a period of a few batches stands in for the paper's ImageNet epoch. ``state_dict`` holds
+    the generator, the current pass's order and the position, so a resumed :func:`~paperlib.train.fit`
+    sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, data: Any, batch_size: int, steps: int, seed: int = 0) -> None:
+        from .data.tensors import InMemoryData
+
+        if not isinstance(data, InMemoryData):
+            raise TypeError(f"PeriodLoader needs an InMemoryData, got {type(data).__name__}")
+        for name, value in (("batch_size", batch_size), ("steps", steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an int >= 1")
+        if batch_size > len(data):
+            raise ValueError(f"batch_size={batch_size} > {len(data)} samples: lower batch_size")
+        self.data, self.batch_size, self.steps = data, batch_size, steps
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.order: Tensor | None = None
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _next(self) -> tuple[Tensor, Tensor]:
+        n, bs = len(self.data), self.batch_size
+        if self.order is None or self.pos + bs > n:  # drop the ragged end of a pass: equal-size batches
+            self.order = torch.randperm(n, generator=self.generator)
+            self.pos = 0
+        idx = self.order[self.pos:self.pos + bs].to(self.data.x.device)
+        self.pos += bs
+        return self.data.x[idx], self.data.y[idx]
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self._next()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.order = None if state["order"] is None else state["order"].cpu()
+        self.pos = int(state["pos"])
+
+
+class CBPMonitor:
+    """Callback next to :class:`CBP` (after it in ``callbacks``): checks spec §4 per period.
+
+    Logs ``cbp_lambda_monotone`` (every λ >= its value at the previous period and >= 0, per element),
+    ``cbp_overshoot`` (max over weights of the distance outside ``[q_1, q_n]``, in units of the layer's
+    ``s``) and ``cbp_outside_tol_frac`` (fraction of weights more than ``tol·s`` outside ``[q_1, q_n]``).
+    Its state (the previous λ) is checkpointed with the run.
+    """
+
+    def __init__(self, cbp: CBP, tol: float = 0.01) -> None:
+        self.cbp, self.tol = cbp, tol
+        self.prev: Tensor | None = None  # all λ after the previous period, flat
+        self.all_monotone = True
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.prev is None:
+            self.prev = torch.cat([lam.detach().reshape(-1) for lam in self.cbp.lambdas])
+
+    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        pass
+
+    def after_backward(self, model: nn.Module) -> None:
+        pass
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
+        lam = torch.cat([lam.detach().reshape(-1) for lam in self.cbp.lambdas])
+        prev = self.prev.to(lam) if self.prev is not None else torch.zeros_like(lam)
+        ok = bool(((lam >= prev) & (lam >= 0)).all())
+        self.all_monotone &= ok
+        self.prev = lam
+        over, frac = overshoot(self.cbp, self.tol)
+        stats.update(cbp_lambda_monotone=ok, cbp_overshoot=over, cbp_outside_tol_frac=frac)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prev": _clone_state(self.prev), "all_monotone": self.all_monotone}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.prev = _clone_state(state["prev"])
+        self.all_monotone = bool(state["all_monotone"])
+
+
+@torch.no_grad()
+def overshoot(cbp: CBP, tol: float = 0.01) -> tuple[float, float]:
+    """``(max, fraction)``: the largest distance of a constrained weight outside ``[q_1, q_n]`` in units of
+    its layer's ``s``, and the fraction of weights more than ``tol·s`` outside (spec §4, 8)."""
+    u = cbp.normalized_weights()
+    f = MODES[cbp.config.mode]
+    o = torch.maximum(f[0] - u, u - f[-1]).clamp_min(0)
+    over, frac = torch.stack([o.max(), (o > tol).double().mean().to(o.dtype)]).tolist()
+    return over, frac
+
+
+#: Per-period keys kept in metrics.json (fit's stats, CBP's ``cbp_*`` and the monitor's).
+HISTORY_KEYS = ("epoch", "lr", "train_loss", "test_top1", "cbp_event", "cbp_g", "cbp_events", "cbp_loss_sum",
+                "cbp_cfs", "cbp_cfs_scale_free", "cbp_lambda_mean", "cbp_lambda_max", "cbp_near_level_frac",
+                "cbp_outside_frac", "cbp_lambda_monotone", "cbp_overshoot", "cbp_outside_tol_frac")
+
+
+@torch.no_grad()
+def weight_histogram(model_or_cbp: nn.Module | CBP, bins: int = 121, limit: float = 3.0) -> list[int]:
+    """Counts of all constrained latent weights in units of their layer's scale, ``w / s_l``, over
+    ``bins`` equal bins of ``[-limit, limit]`` (values outside are put in the end bins)."""
+    layers = (model_or_cbp.layers.values() if isinstance(model_or_cbp, CBP)
+              else CBP._find_layers(model_or_cbp).values())
+    u = torch.cat([(ly.weight.detach() / ly.weight_quantizer.scale).flatten().double().cpu() for ly in layers])
+    return torch.histc(u.clamp(-limit, limit), bins=bins, min=-limit, max=limit).long().tolist()
+
+
+def constraint_curves(modes: Iterable[str] = ("bin", "ter"), gs: Iterable[float] = (2, 10),
+                      points: int = 601) -> dict[str, Any]:
+    """Paper Figure 1 as data: ``cs(w; Q, g)`` for ``s = 1`` on a grid around ``[q_1, q_n]`` and the windows
+    ``U_i(g)``, per mode and g (JSON-native, for the figure)."""
+    out: dict[str, Any] = {}
+    for mode in modes:
+        q = levels(mode, 1.0, dtype=torch.float64)
+        w = torch.linspace(float(q[0]) - 0.5, float(q[-1]) + 0.5, points, dtype=torch.float64)
+        out[mode] = {"levels": q.tolist(), "w": w.tolist(), "g": {}}
+        for g in gs:
+            out[mode]["g"][str(g)] = {"cs": constraint(w, q, g).tolist(), "windows": windows(q, g).tolist()}
+    return out
+
+
+def _hparams(cfg: Mapping[str, Any], arch: str, mode: str) -> dict[str, Any]:
+    """Post-training hyper-parameters: the preset's, or :func:`paper_hparams` for ``hparams="paper"``."""
+    keys = ("lr", "momentum", "weight_decay", "batch_size", "lr_lambda", "p_max")
+    if cfg["hparams"] == "paper":
+        return paper_hparams("alexnet" if arch == "alexnet_bn" else arch, mode)
+    if cfg["hparams"] != "preset":
+        raise ValueError(f"hparams={cfg['hparams']!r}: use 'preset' (the preset's values) or 'paper' "
+                         "(paper_hparams per architecture and set, spec §1.7)")
+    return {k: cfg[k] for k in keys}
+
+
+def post_train(fp_model: nn.Module, train: Any, test: Any, mode: str, variant: str, seed: int,
+               cfg: Mapping[str, Any], arch: str = "resnet20", device: str | torch.device | None = None,
+               checkpoint: str | None = None, resume: bool = False, callbacks: Iterable[Any] = (),
+               keep_model: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Post-train a copy of ``fp_model`` with CBP ``variant`` on ``mode`` (spec §1.5) and return its record.
+
+    The loop is :func:`paperlib.train.fit` with ``criterion=cbp.criterion``, callbacks ``[cbp,
+    CBPMonitor, *callbacks]``, SGD over ``cbp.param_groups`` and no scheduler (CBP drops the lr once, at
+    g = 20). ``train`` is an :class:`InMemoryData` (cut into :class:`PeriodLoader` periods of
+    ``cfg["period_steps"]`` batches; 0: whole passes) or any iterable of batches (one period per pass).
+    ``checkpoint``/``resume`` go to ``fit``: λ, the λ optimizer and the event state are in the checkpoint,
+    so a resumed run continues identically. Returns JSON-native numbers (and ``"model"``/``"cbp"``
+    objects when ``keep_model``).
+    """
+    from .data.tensors import InMemoryData
+    from .train import TrainConfig, evaluate, fit, resolve_device
+
+    dev = resolve_device(device)
+    hp = _hparams(cfg, arch, mode)
+    model = copy.deepcopy(fp_model).to(dev)
+    cbp = CBP(model, mode, variant=variant, lr_lambda=hp["lr_lambda"], p_max=hp["p_max"],
+              lambda_optimizer=cfg["lambda_optimizer"], recompute_scale=cfg["recompute_scale"])
+    cbp.start()
+    before = cbp.metrics()
+    q_before = [layer.quantized_weight().detach().clone() for layer in cbp.layers.values()]
+    monitor = CBPMonitor(cbp)
+    opt = torch.optim.SGD(cbp.param_groups(hp["weight_decay"]), lr=hp["lr"], momentum=hp["momentum"])
+    if isinstance(train, InMemoryData) and cfg["period_steps"]:
+        loader: Any = PeriodLoader(train.to(dev), hp["batch_size"], cfg["period_steps"], seed=seed)
+    else:
+        loader = train
+    tcfg = TrainConfig(epochs=cfg["periods"], lr=hp["lr"], momentum=hp["momentum"],
+                       weight_decay=hp["weight_decay"], batch_size=hp["batch_size"], scheduler="none", seed=seed,
+                       eval_every=cfg["eval_every"])
+    res = fit(model, loader, test, tcfg, criterion=cbp.criterion, callbacks=[cbp, monitor, *callbacks],
+              optimizer=opt, device=dev, checkpoint=checkpoint, resume=resume, progress=progress)
+    final = res.final or evaluate(model, test, device=dev)
+    after = cbp.metrics()
+    with torch.no_grad():
+        changed = sum(int((layer.quantized_weight() != q0).sum()) for layer, q0 in
+                      zip(cbp.layers.values(), q_before, strict=True)) / sum(q.numel() for q in q_before)
+    history = [{k: h[k] for k in HISTORY_KEYS if k in h} for h in res.history]
+    out = {
+        "arch": arch, "mode": mode, "variant": variant, "seed": seed,
+        "top1": final["top1"], "top5": final.get("top5"), "balanced_accuracy": final["balanced_accuracy"],
+        "best_top1": res.best_top1 if any("test_top1" in h for h in res.history) else final["top1"],
+        "cfs_initial": before["cfs"], "cfs_scale_free_initial": before["cfs_scale_free"],
+        **{k: v for k, v in after.items()},
+        "changed_frac": changed, "events": cbp.events, "g": cbp.g, "lr_scale": cbp.lr_scale,
+        "periods": len(res.history),
+        "lambda_monotone": monitor.all_monotone, "scales": cbp.scales(), "history": history,
+        "hist_after": weight_histogram(cbp, cfg["hist_bins"], cfg["hist_range"]),
+    }
+    if keep_model:
+        out.update(model=model, cbp=cbp)
+    return out
+
+
+def _projected(fp_model: nn.Module, test: Any, mode: str, cfg: Mapping[str, Any],
+               dev: torch.device) -> dict[str, Any]:
+    """The pretrained net projected onto ``mode`` with no post-training (spec §4, 6)."""
+    from .train import evaluate
+
+    model = copy.deepcopy(fp_model).to(dev)
+    cbp = CBP(model, mode, variant="ste")
+    cbp.start()
+    rep = evaluate(model, test, device=dev)
+    over, frac = overshoot(cbp)
+    return {"top1": rep["top1"], "top5": rep.get("top5"), "balanced_accuracy": rep["balanced_accuracy"],
+            **cbp.metrics(), "overshoot": over, "outside_tol_frac": frac,
+            "hist": weight_histogram(cbp, cfg["hist_bins"], cfg["hist_range"])}
+
+
+def _run_specs(cfg: Mapping[str, Any]) -> list[tuple[str, str, str, int]]:
+    specs = []
+    for arch in cfg["archs"]:
+        for mode in cfg["sets"]:
+            for variant in cfg["variants"]:
+                if variant != "cbp" and not (arch in cfg["ablation_archs"] and mode in cfg["ablation_sets"]):
+                    continue
+                specs.extend((arch, mode, variant, seed) for seed in cfg["seeds"])
+    return specs
+
+
+def check_cbp_config(cfg: Mapping[str, Any]) -> None:
+    """Fail early, naming the setting, on a preset/override that cannot run."""
+    for key in ("sets", "variants", "archs", "seeds"):
+        if not isinstance(cfg[key], list | tuple) or not cfg[key]:
+            raise ValueError(f"cbp setting {key}={cfg[key]!r}: give a non-empty list")
+    for mode in cfg["sets"]:
+        check_mode(mode)
+    bad = [v for v in cfg["variants"] if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"cbp variants {bad} unknown: use some of {list(VARIANTS)}")
+    for key in ("periods", "eval_every"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"cbp setting {key}={cfg[key]!r}: must be an int >= 1")
+    if isinstance(cfg["period_steps"], bool) or not isinstance(cfg["period_steps"], int) or cfg["period_steps"] < 0:
+        raise ValueError(f"period_steps={cfg['period_steps']!r}: batches per period, an int >= 0 (0: one pass)")
+    if isinstance(cfg["workers"], bool) or not isinstance(cfg["workers"], int) or cfg["workers"] < 1:
+        raise ValueError(f"workers={cfg['workers']!r}: number of processes, an int >= 1")
+
+
+# --- data and FP networks ---------------------------------------------------------------------------------
+def _imagenet_paths(data_dir: str) -> tuple[Path, Path, Path]:
+    from .data.errors import DataError
+
+    hint = ("an ImageNet folder with train.csv and val.csv manifests (header 'image,label', image paths "
+            "relative to data_dir, labels 0..999; write them with paperlib.data.manifest's format) and the "
+            "pretrained checkpoints " + ", ".join(PAPER_WEIGHTS.values()) + " under it")
+    if not data_dir:
+        raise DataError(f"the cbp 'paper' preset needs data_dir: {hint}. ImageNet and the weights are never "
+                        "downloaded by this project")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data_dir {str(root)!r} is not a directory; it must be {hint}")
+    train_csv, val_csv = root / "train.csv", root / "val.csv"
+    missing = [p.name for p in (train_csv, val_csv) if not p.is_file()]
+    if missing:
+        raise DataError(f"data_dir {str(root)!r} lacks {missing}; it must be {hint}")
+    return root, train_csv, val_csv
+
+
+def _imagenet_loaders(cfg: Mapping[str, Any], data_dir: str) -> tuple[Callable[[int, int], Any], Any]:
+    """``(train_loader(batch_size, seed), val_loader)`` over the ImageNet manifests (spec §1.7 data)."""
+    from torchvision import transforms
+
+    from .data.manifest import IMAGENET_MEAN, IMAGENET_STD, manifest_loader
+
+    root, train_csv, val_csv = _imagenet_paths(data_dir)
+    size = cfg["image_size"]
+    tf = None
+    if cfg["color_jitter"]:  # spec §3 #5: the paper applies colour jitter; the code discards it (default off)
+        tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                 transforms.ColorJitter(0.4, 0.4, 0.4), transforms.ToTensor(),
+                                 transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    pin = torch.cuda.is_available()
+
+    def train(batch_size: int, seed: int) -> Any:
+        return manifest_loader(train_csv, root, batch_size, train=True, size=size, num_workers=cfg["num_workers"],
+                               seed=seed, transform=tf, pin_memory=pin)
+
+    test = manifest_loader(val_csv, root, 256, train=False, size=size, num_workers=cfg["num_workers"],
+                           pin_memory=pin)
+    return train, test
+
+
+def _fp_model(cfg: Mapping[str, Any], arch: str, train: Any, test: Any, data_dir: str,
+              dev: torch.device, progress: bool | None) -> tuple[nn.Module, dict[str, Any]]:
+    from .models import create_model
+    from .pretrain import pretrained_fp32
+    from .train import TrainConfig, evaluate
+
+    if cfg["dataset"] == "imagenet":
+        from .data.errors import DataError
+        from .models import load_weights
+
+        path = Path(data_dir).expanduser() / PAPER_WEIGHTS[arch] if arch in PAPER_WEIGHTS else None
+        if path is None or not path.is_file():
+            raise DataError(f"pretrained {arch} weights not found at {path}: CBP post-trains the paper's "
+                            "pretrained networks (spec §1.6). Save torchvision's state dict there, e.g. "
+                            "torch.save(torchvision.models.resnet18(weights='IMAGENET1K_V1').state_dict(), path),"
+                            " or the authors' alexnet_pretrained.pth")
+        model = create_model(arch, num_classes=1000)
+        load_weights(model, path, strict=True)
+        model.to(dev)
+        return model, evaluate(model, test, device=dev)
+    kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1], "shortcut": "A",
+              "act_position": "pre_relu"}
+    fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["fp_batch_size"],
+                         seed=cfg["fp_seed"])
+    return pretrained_fp32(arch, kwargs, train, test, fp_cfg, device=dev, progress=progress)
+
+
+def _load_data(cfg: Mapping[str, Any], data_dir: str, dev: torch.device) -> tuple[Any, Any]:
+    from .data.load import load_dataset
+
+    if cfg["dataset"] == "imagenet":  # train: a loader factory, since the batch size depends on the run
+        return _imagenet_loaders(cfg, data_dir)
+    return load_dataset(cfg["dataset"], data_dir or None, size=cfg["image_size"],
+                        channels=1 if cfg["dataset"] == "digits" else 3, device=dev)
+
+
+# --- parallel runs (CPU) ----------------------------------------------------------------------------------
+def _worker_init(threads: int) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+_WORKER_DATA: dict[str, Any] = {}  # per worker process: the data, loaded once
+
+
+def _worker_run(job: dict[str, Any]) -> dict[str, Any]:
+    """One post-training run in a worker process (data loaded there once; the FP weights are passed in)."""
+    from .models import create_model
+
+    cfg, dev = job["cfg"], torch.device(job["device"])
+    key = json.dumps([cfg["dataset"], cfg["image_size"], job["data_dir"], job["device"]])
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = _load_data(cfg, job["data_dir"], dev)
+    train, test = _WORKER_DATA[key]
+    model = create_model(job["arch"], **job["model_kwargs"])
+    model.load_state_dict(job["fp_state"])
+    return post_train(model, train, test, job["mode"], job["variant"], job["seed"], cfg, arch=job["arch"],
+                      device=dev, checkpoint=job["checkpoint"], resume=job["checkpoint"] is not None,
+                      progress=False)
+
+
+class _Threads:
+    """``torch.set_num_threads(n)`` for a block (CPU runs only; 0 = leave torch's setting)."""
+
+    def __init__(self, n: int, dev: torch.device) -> None:
+        self.n = n if dev.type == "cpu" else 0
+        self.old = torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.n:
+            torch.set_num_threads(self.old)
+
+
+def run_cbp_experiment(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = "",
+                       progress: bool | None = None, checkpoint_dir: str | None = None) -> dict[str, Any]:
+    """The notebook's experiment; returns the JSON-native metrics dict (see the module's section 6).
+
+    For each architecture: the FP network, then for each set the projected pretrained net (no training)
+    and the post-training runs of :func:`_run_specs` (``variants`` on ``ablation_archs`` x ``ablation_sets``,
+    CBP alone elsewhere) for every seed. ``workers > 1`` runs them in that many spawned CPU processes with
+    ``threads`` torch threads each (results are identical to ``workers = 1``: every run is seeded and
+    single-threaded). ``checkpoint_dir`` (or ``cfg["checkpoint"]``: under ``runs/_cache/cbp-<key>``) keeps
+    one resumable checkpoint per run.
+    """
+    from .train import resolve_device
+
+    check_cbp_config(cfg)
+    dev = resolve_device(device)
+    if checkpoint_dir is None and cfg["checkpoint"]:
+        from . import paths
+
+        key = hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        checkpoint_dir = str(paths.runs_dir() / "_cache" / f"cbp-{key}")
+    with _Threads(cfg["threads"], dev):
+        train, test = _load_data(cfg, data_dir, dev)
+        fingerprint = (train.fingerprint() if hasattr(train, "fingerprint")
+                       else _file_fingerprint(Path(data_dir) / "train.csv", Path(data_dir) / "val.csv"))
+        fp: dict[str, Any] = {}
+        projected: dict[str, dict[str, Any]] = {}
+        fp_models: dict[str, nn.Module] = {}
+        for arch in cfg["archs"]:
+            model, rep = _fp_model(cfg, arch, train, test, data_dir, dev, progress)
+            fp_models[arch] = model
+            fp[arch] = {"top1": rep["top1"], "top5": rep.get("top5"), "balanced_accuracy": rep["balanced_accuracy"]}
+            projected[arch] = {mode: _projected(model, test, mode, cfg, dev) for mode in cfg["sets"]}
+        specs = _run_specs(cfg)
+
+        def ckpt(spec: tuple[str, str, str, int]) -> str | None:
+            return None if checkpoint_dir is None else str(Path(checkpoint_dir) / "{}-{}-{}-seed{}.pt".format(*spec))
+
+        if cfg["workers"] > 1 and dev.type == "cpu" and cfg["dataset"] != "imagenet":
+            runs = _run_parallel(cfg, specs, fp_models, train, data_dir, ckpt)
+        else:
+            runs = [post_train(fp_models[a], train(_hparams(cfg, a, m)["batch_size"], s) if callable(train) else train,
+                               test, m, v, s, cfg, arch=a, device=dev, checkpoint=ckpt((a, m, v, s)),
+                               resume=checkpoint_dir is not None, progress=progress) for a, m, v, s in specs]
+    return _assemble(cfg, dev, fingerprint, fp, projected, runs)
+
+
+def _file_fingerprint(*files: Path) -> str:
+    """Hash of the manifests (the image files themselves are not read)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _run_parallel(cfg: Mapping[str, Any], specs: list[tuple[str, str, str, int]],
+                  fp_models: Mapping[str, nn.Module], train: Any, data_dir: str,
+                  ckpt: Callable[[tuple[str, str, str, int]], str | None]) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for spec in specs:
+        arch, mode, variant, seed = spec
+        jobs.append({"cfg": dict(cfg), "device": "cpu", "data_dir": data_dir, "arch": arch, "mode": mode,
+                     "variant": variant, "seed": seed, "checkpoint": ckpt(spec),
+                     "model_kwargs": {"num_classes": train.num_classes, "in_channels": train.x.shape[1],
+                                      "shortcut": "A", "act_position": "pre_relu"},
+                     "fp_state": {k: v.detach().cpu() for k, v in fp_models[arch].state_dict().items()}})
+    with ProcessPoolExecutor(max_workers=min(cfg["workers"], len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(cfg["threads"],)) as pool:
+        return list(pool.map(_worker_run, jobs))
+
+
+# --- metrics, tables and the checks of spec §4 ------------------------------------------------------------
+#: Expectation 8: "inside [q_1, q_n]" means no weight more than this many scales ``s`` outside.
+OVERSHOOT_TOL = 0.1
+
+_RUN_VALUES = ("top1", "balanced_accuracy", "cfs", "cfs_scale_free", "near_level_frac", "outside_frac",
+               "changed_frac", "lambda_mean", "lambda_max", "events")
+
+
+def _assemble(cfg: Mapping[str, Any], dev: torch.device, fingerprint: str, fp: dict[str, Any],
+              projected: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    import pandas as pd
+
+    from .stats import summarize
+
+    per_seed = [{k: r[k] for k in ("arch", "mode", "variant", "seed", "top1", "top5", "balanced_accuracy",
+                                   "best_top1", "cfs_initial", "cfs_scale_free_initial", "cfs", "cfs_scale_free",
+                                   "near_level_frac", "outside_frac", "changed_frac", "lambda_mean",
+                                   "lambda_max", "events",
+                                   "g", "lr_scale", "periods", "lambda_monotone")} for r in runs]
+    summary = summarize(pd.DataFrame(per_seed), ["arch", "mode", "variant"], list(_RUN_VALUES))
+    history = {f"{r['arch']}/{r['mode']}/{r['variant']}/seed{r['seed']}": r["history"] for r in runs}
+    first_seed = cfg["seeds"][0]
+    hist = {"range": cfg["hist_range"], "bins": cfg["hist_bins"], "before": {}, "after": {}}
+    for arch, by_mode in projected.items():
+        hist["before"][arch] = {mode: p.pop("hist") for mode, p in by_mode.items()}
+        hist["after"][arch] = {}
+    for r in runs:
+        if r["seed"] == first_seed:
+            hist["after"][r["arch"]].setdefault(r["mode"], {})[r["variant"]] = r["hist_after"]
+    arch0 = cfg["archs"][0]
+    rows = {(s["mode"], s["variant"]): s for s in summary.to_dict("records") if s["arch"] == arch0}
+    key_set = "bin" if ("bin", "cbp") in rows else cfg["sets"][0]
+    metrics = {
+        "dataset": cfg["dataset"], "device": str(dev), "data_fingerprint": fingerprint,
+        "seeds": list(cfg["seeds"]), "config": dict(cfg), "archs": list(cfg["archs"]),
+        "sets": list(cfg["sets"]), "variants": list(cfg["variants"]),
+        "fp": fp, "projected": projected, "per_seed": per_seed, "summary": summary.to_dict("records"),
+        "history": history, "histograms": hist, "figure1": constraint_curves(),
+        "paper": {"imagenet_top1_top5": {a: {k: list(v) for k, v in d.items()} for a, d in PAPER_IMAGENET.items()},
+                  "table4": {k: list(v) for k, v in PAPER_TABLE4.items()}},
+        "key_metric": {"name": f"CBP {SET_LABELS[key_set]} top-1 ({arch0}, {cfg['dataset']})",
+                       "value": rows[(key_set, "cbp")]["top1_mean"]},
+    }
+    metrics["expectations"] = check_expectations(metrics)
+    return metrics
+
+
+def _rows(metrics: Mapping[str, Any], arch: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    arch = arch or metrics["archs"][0]
+    return {(s["mode"], s["variant"]): s for s in metrics["summary"] if s["arch"] == arch}
+
+
+def _histories(metrics: Mapping[str, Any], arch: str, mode: str, variant: str) -> list[list[dict[str, Any]]]:
+    return [h for k, h in metrics["history"].items() if k.startswith(f"{arch}/{mode}/{variant}/seed")]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def check_expectations(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Spec §4's expectations 1-8, each checked from the recorded numbers of the first architecture.
+
+    Returns one dict per expectation: ``id``, ``claim``, ``measured`` (a sentence built from the numbers),
+    ``held`` (True / False, or None when the run lacks what the check needs, e.g. a variant not run).
+    Thresholds (named here, not tuned per run): "≪ initial" is below 25 % of the initial CFS; STE "stays
+    high" is at least 90 % of it; "clearly worse" is 5 points of top-1; "inside [q_1, q_n]" allows 1 % of
+    the weights to be more than 1 % of s outside (momentum SGD chatters around the outer levels);
+    "1-bit ≈ 2-bit" is within 1 point; λ mean "roughly linear" in the number of events is Pearson r >= 0.9.
+    """
+    arch = metrics["archs"][0]
+    rows = _rows(metrics, arch)
+    sets = [m for m in metrics["sets"] if (m, "cbp") in rows]
+    abl = [m for m in sets if (m, "ste") in rows and (m, "no_window") in rows]
+    out: list[dict[str, Any]] = []
+
+    def add(i: int, claim: str, measured: str, held: bool | None) -> None:
+        out.append({"id": i, "claim": claim, "measured": measured, "held": held})
+
+    # 1. λ monotone and >= 0; mean λ ~ linear in events
+    lam_runs = [(k, h) for k, h in metrics["history"].items() if k.startswith(f"{arch}/") and "/ste/" not in k]
+    mono = all(all(e.get("cbp_lambda_monotone", True) for e in h) for _, h in lam_runs)
+    rs = []
+    for _, h in lam_runs:
+        ev = np.array([e["cbp_events"] for e in h], dtype=float)
+        lm = np.array([e["cbp_lambda_mean"] for e in h], dtype=float)
+        if ev.std() > 0 and lm.std() > 0:
+            rs.append(float(np.corrcoef(ev, lm)[0, 1]))
+    r_min = min(rs) if rs else float("nan")
+    add(1, "λ non-decreasing and ≥ 0 at every event (per element); mean λ roughly linear in #events",
+        f"monotone and ≥ 0 in {'all' if mono else 'NOT all'} {len(lam_runs)} CBP runs at every period; "
+        f"Pearson r(events, mean λ) ≥ {r_min:.3f} over runs", bool(lam_runs) and mono and r_min >= 0.9)
+
+    # 2. g sequence, events at least every p_max periods, a single lr drop at g = 20
+    p_max = metrics["config"]["p_max"] if metrics["config"]["hparams"] == "preset" else 20
+    seq_ok = gap_ok = drop_ok = True
+    reached = 0
+    for k, h in metrics["history"].items():
+        if not k.startswith(f"{arch}/"):
+            continue
+        gs = [1] + [e["cbp_g"] for e in h if e["cbp_event"]]
+        seq_ok &= all(b == next_g(a) for a, b in zip(gs, gs[1:], strict=False))
+        idx = [-1] + [i for i, e in enumerate(h) if e["cbp_event"]]
+        gap_ok &= all(b - a <= p_max for a, b in zip(idx, idx[1:], strict=False)) and len(h) - 1 - idx[-1] < p_max
+        lrs = [e["lr"] for e in h]
+        drops = [i for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1] * (1 - 1e-9)]
+        hit20 = [i for i, e in enumerate(h) if e["cbp_event"] and e["cbp_g"] == 20]
+        # fit logs the lr in effect during a period; the drop made at the event of period i shows from i + 1
+        drop_ok &= [d - 1 for d in drops] == hit20[:1] and len(drops) <= 1
+        reached += bool(hit20)
+    n_runs = sum(k.startswith(f"{arch}/") for k in metrics["history"])
+    add(2, "g = 1, 2, …, 10, 20, 30, …; an event at least every p_max periods; lr × 0.1 exactly once, at g = 20",
+        f"g sequence {'correct' if seq_ok else 'WRONG'}, event gaps {'≤' if gap_ok else 'NOT ≤'} p_max = {p_max}, "
+        f"lr drops {'only' if drop_ok else 'NOT only'} at g = 20 ({reached} of {n_runs} runs reached g = 20)",
+        seq_ok and gap_ok and drop_ok and reached > 0)
+
+    # 3. CFS falls under CBP, stays high under STE
+    parts, ok3 = [], bool(abl)
+    for m in abl:
+        c, s = rows[(m, "cbp")], rows[(m, "ste")]
+        c0 = metrics["projected"][arch][m]["cfs"]
+        ratio_c, ratio_s = c["cfs_mean"] / c0, s["cfs_mean"] / c0
+        ok3 &= ratio_c < 0.25 and ratio_s >= 0.9
+        parts.append(f"{m}: CBP {ratio_c:.3f}× initial (near-level {100 * c['near_level_frac_mean']:.0f} %), "
+                     f"STE {ratio_s:.2f}×, STE/CBP {s['cfs_mean'] / max(c['cfs_mean'], 1e-30):.0f}×")
+    add(3, "CFS falls under CBP to ≪ its initial value; STE-only CFS stays high or grows (Table 4: ≈ 30×)",
+        "; ".join(parts) or "needs the ste variant", ok3 if abl else None)
+
+    # 4. no window: lowest CFS, reached fastest, but the worst accuracy
+    parts, ok4 = [], bool(abl)
+    for m in abl:
+        first = {}
+        for v in ("cbp", "no_window"):
+            c0 = metrics["projected"][arch][m]["cfs"]
+            hs = _histories(metrics, arch, m, v)
+            first[v] = float(np.mean([next((i for i, e in enumerate(h) if e["cbp_cfs"] <= c0 / 2), len(h))
+                                      for h in hs]))
+        nw, c, s = rows[(m, "no_window")], rows[(m, "cbp")], rows[(m, "ste")]
+        lowest = nw["cfs_mean"] <= min(c["cfs_mean"], s["cfs_mean"]) and first["no_window"] <= first["cbp"]
+        worst = nw["top1_mean"] < min(c["top1_mean"], s["top1_mean"])
+        ok4 &= lowest and worst
+        parts.append(f"{m}: CFS no-window {nw['cfs_mean']:.2g} vs CBP {c['cfs_mean']:.2g} (half CFS after "
+                     f"{first['no_window']:.1f} vs {first['cbp']:.1f} periods), top-1 {_pct(nw['top1_mean'])} vs CBP "
+                     f"{_pct(c['top1_mean'])} / STE {_pct(s['top1_mean'])} %")
+    add(4, "CBP without window reaches the lowest CFS fastest but the worst accuracy (Table 4: 60.2 vs 66.6 / 64.6)",
+        "; ".join(parts) or "needs the ste and no_window variants", ok4 if abl else None)
+
+    # 5. CBP >= STE
+    parts, wins = [], 0
+    ste_sets = [m for m in sets if (m, "ste") in rows]
+    for m in ste_sets:
+        d = rows[(m, "cbp")]["top1_mean"] - rows[(m, "ste")]["top1_mean"]
+        wins += d >= 0
+        parts.append(f"{m}: {100 * d:+.1f} pt")
+    add(5, "CBP (with window) accuracy ≥ STE-only at equal budget (Table 4: +2.0 pt)",
+        f"CBP − STE top-1 (mean over seeds): {', '.join(parts)}" if parts else "needs the ste variant",
+        (wins == len(ste_sets)) if ste_sets else None)
+
+    # 6. projected pretrained net clearly worse than after CBP
+    parts, ok6 = [], bool(sets)
+    for m in sets:
+        p, c = metrics["projected"][arch][m]["top1"], rows[(m, "cbp")]["top1_mean"]
+        ok6 &= p < c - 0.05
+        parts.append(f"{m}: {_pct(p)} → {_pct(c)} %")
+    add(6, "projecting the pretrained net without post-training is clearly worse than after CBP",
+        "projected → CBP top-1: " + ", ".join(parts), ok6)
+
+    # 7. precision ordering
+    if all((m, "cbp") in rows for m in SETS):
+        a = {m: rows[(m, "cbp")]["top1_mean"] for m in SETS}
+        held7 = a["bin"] <= a["ter"] <= a["1bit"] + 0.01 and abs(a["1bit"] - a["2bit"]) <= 0.01
+        add(7, "precision ordering: bin < ter < 1-bit ≈ 2-bit shift accuracy",
+            "CBP top-1: " + ", ".join(f"{m} {_pct(a[m])} %" for m in SETS), held7)
+    else:
+        add(7, "precision ordering: bin < ter < 1-bit ≈ 2-bit shift accuracy", "needs all four sets", None)
+
+    # 8. weights inside [q_1, q_n] after the first events
+    proj = metrics["projected"][arch]
+    firsts, ends, fracs, ok8 = [], [], [], bool(lam_runs)
+    for _, h in lam_runs:
+        over = [e["cbp_overshoot"] for e in h]
+        bad = [i for i, o in enumerate(over) if o > OVERSHOOT_TOL]
+        first = 0 if not bad else bad[-1] + 1  # from this period on, every weight is within the tolerance
+        ok8 &= first < len(h)
+        firsts.append(h[first]["cbp_events"] if first < len(h) else None)
+        ends.append(over[-1])
+        fracs.append(h[-1]["cbp_outside_tol_frac"])
+    reached = [f for f in firsts if f is not None]
+    add(8, "weights stay inside [q_1, q_n] after the first events (outer penalty + clamp)",
+        (f"max overshoot beyond [q_1, q_n] (initially {max(proj[m]['overshoot'] for m in sets):.1f} s) stays "
+         f"≤ {OVERSHOOT_TOL} s from event {max(reached) if reached else '–'} on (worst of {len(lam_runs)} runs"
+         f"{'' if len(reached) == len(firsts) else f'; {len(firsts) - len(reached)} never'}); at the end "
+         f"{100 * max(fracs, default=0):.1f} % of weights are more than 1 % of s outside (momentum chatter), "
+         f"largest overshoot {max(ends, default=0):.3f} s") if lam_runs else "needs a CBP run",
+        ok8 if lam_runs else None)
+    return out
+
+
+def expectations_table(metrics: Mapping[str, Any]):
+    """The checks of :func:`check_expectations` as a DataFrame (held / did not hold / not checked)."""
+    import pandas as pd
+
+    word = {True: "held", False: "did not hold", None: "not checked"}
+    return pd.DataFrame([{"#": e["id"], "expectation (spec §4)": e["claim"], "measured": e["measured"],
+                          "result": word[e["held"]]} for e in check_expectations(metrics)])
+
+
+def ablation_table(metrics: Mapping[str, Any]):
+    """Table 4 beside ours: per set and variant, top-1 (mean ± 95 % CI over seeds) and CFS; the paper's
+    ResNet-18 binary ImageNet numbers on the binary rows."""
+    import pandas as pd
+
+    from .stats import format_mean_ci
+
+    arch = metrics["archs"][0]
+    rows = _rows(metrics, arch)
+    out = []
+    for m in metrics["sets"]:
+        for v in ("cbp", "no_window", "ste"):
+            if (m, v) not in rows:
+                continue
+            r = rows[(m, v)]
+            paper = PAPER_TABLE4.get(v) if m == "bin" else None
+            out.append({
+                "set": SET_LABELS[m], "variant": VARIANT_LABELS[v],
+                "paper, ImageNet: top-1 (%)": f"{paper[0]:.1f}" if paper else "–",
+                "paper, ImageNet: CFS": f"{paper[2]:.3g}" if paper else "–",
+                f"ours, {metrics['dataset']}: top-1 (%)": format_mean_ci(r["top1_mean"], r["top1_ci"]),
+                f"ours, {metrics['dataset']}: CFS": f"{r['cfs_mean']:.3g}",
+                "ours: CFS/(2s)": f"{r['cfs_scale_free_mean']:.3g}",
+                "ours: near level (%)": f"{100 * r['near_level_frac_mean']:.1f}",
+                "ours: level changed (%)": f"{100 * r['changed_frac_mean']:.2f}",
+                "seeds": r["n"],
+            })
+    return pd.DataFrame(out)
+
+
+def accuracy_table(metrics: Mapping[str, Any]):
+    """Top-1 per set: the paper's ImageNet CBP numbers (Tables 1-3) beside ours (mean ± 95 % CI) for the
+    FP net, the projected pretrained net and each variant."""
+    import pandas as pd
+
+    from .stats import format_mean_ci
+
+    arch = metrics["archs"][0]
+    rows = _rows(metrics, arch)
+    ds = metrics["dataset"]
+    out = []
+    for m in ["fp", *metrics["sets"]]:
+        row: dict[str, Any] = {"set": "full precision" if m == "fp" else SET_LABELS[m]}
+        for a, name in (("alexnet_bn", "AlexNet"), ("resnet18", "ResNet-18"), ("resnet50", "ResNet-50")):
+            row[f"paper, ImageNet: {name} CBP"] = f"{PAPER_IMAGENET[a][m][0]:.1f}"
+        if m == "fp":
+            row[f"ours, {ds}: projected, no training"] = "–"
+            for v in ("ste", "cbp", "no_window"):
+                row[f"ours, {ds}: {VARIANT_LABELS[v]}"] = _pct(metrics["fp"][arch]["top1"]) if v == "cbp" else "–"
+        else:
+            row[f"ours, {ds}: projected, no training"] = _pct(metrics["projected"][arch][m]["top1"])
+            for v in ("ste", "cbp", "no_window"):
+                r = rows.get((m, v))
+                row[f"ours, {ds}: {VARIANT_LABELS[v]}"] = format_mean_ci(r["top1_mean"], r["top1_ci"]) if r else "–"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 __all__ = [
-    "CBP", "CBPConfig", "CBPWeight", "L_PRE_RESET", "MODES", "VARIANTS", "cfs", "check_mode", "constraint",
-    "levels", "next_g", "paper_hparams", "project", "windows",
+    "CBP", "CBPConfig", "CBPMonitor", "CBPWeight", "L_PRE_RESET", "MODES", "PAPER_IMAGENET", "PAPER_TABLE4",
+    "PeriodLoader", "SETS", "VARIANTS", "ablation_table", "accuracy_table", "cfs", "check_expectations",
+    "check_mode", "constraint", "constraint_curves", "expectations_table", "levels", "next_g", "paper_hparams",
+    "post_train", "project", "run_cbp_experiment", "weight_histogram", "windows",
 ]

@@ -562,3 +562,259 @@ def test_follows_model_moved_after_construction():
     cbp.update_lambda()
     state = cbp.state_dict()["lambda_optimizer"]["state"][0]
     assert int(state["step"]) == 2 and state["exp_avg"].dtype == F64  # the moments moved with λ
+
+
+# ------------------------------------------------------------------------ the notebook's experiment driver
+from paperlib.cbp import (  # noqa: E402
+    OVERSHOOT_TOL,
+    PeriodLoader,
+    ablation_table,
+    accuracy_table,
+    check_expectations,
+    constraint_curves,
+    expectations_table,
+    overshoot,
+    post_train,
+    run_cbp_experiment,
+    weight_histogram,
+)
+from paperlib.data.digits import load_digits  # noqa: E402
+from paperlib.data.errors import DataError  # noqa: E402
+from paperlib.presets import resolve  # noqa: E402
+from paperlib.runs import check_json_native  # noqa: E402
+from paperlib.train import Callback, TrainConfig, fit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(size=8, channels=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fp_net(digits):
+    """A narrow FP ResNet-20 (width 8, option-A shortcuts) trained for 3 epochs: seconds, ~90 % top-1."""
+    train, test = digits
+    torch.manual_seed(0)
+    model = ResNetCifar(20, num_classes=10, in_channels=1, shortcut="A", width=8)
+    fit(model, train, test, TrainConfig(epochs=3, lr=0.1, batch_size=128), device="cpu", progress=False)
+    return model
+
+
+def _tiny_cfg(**over):
+    cfg = resolve("cbp", "smoke")
+    cfg.update(periods=9, period_steps=2, p_max=3, eval_every=3, lr=0.003, lr_lambda=0.02)
+    cfg.update(over)
+    return cfg
+
+
+def test_metrics_match_the_per_layer_oracle():
+    model = _pretrained_mlp()
+    cbp = CBP(model, "1bit", lr_lambda=0.1)
+    cbp.start()
+    m = cbp.metrics()
+    pairs = [(ly.weight.detach().double(), ly.weight_quantizer.levels().double()) for ly in cbp.layers.values()]
+    ys = [(constraint(w, q, math.inf), float(q[-1])) for w, q in pairs]  # q[-1] = s
+    n = sum(y.numel() for y, _ in ys)
+    assert m["cfs"] == pytest.approx(cfs(model), rel=1e-6)
+    assert m["cfs_scale_free"] == pytest.approx(sum(float((y / (2 * s)).sum()) for y, s in ys) / n, rel=1e-6)
+    assert m["near_level_frac"] == pytest.approx(sum(int((y <= 0.02 * s).sum()) for y, s in ys) / n)
+    assert m["outside_frac"] == pytest.approx(sum(int((w.abs() > q[-1]).sum()) for w, q in pairs) / n)
+    lam = torch.cat([lam.flatten() for lam in cbp.lambdas]).double()
+    assert m["lambda_mean"] == pytest.approx(float(lam.mean()), rel=1e-9)
+    assert m["lambda_max"] == pytest.approx(float(lam.max()), rel=1e-9)
+    over, frac = overshoot(cbp, tol=0.01)
+    ref = max(float(((w.abs() - q[-1]).clamp_min(0) / q[-1]).max()) for w, q in pairs)
+    assert over == pytest.approx(ref, rel=1e-5) and over > 1
+    assert 0 < frac <= m["outside_frac"]
+    # histogram of w / s: every weight counted once, end bins take the tails
+    h = weight_histogram(cbp, bins=11, limit=2.0)
+    assert sum(h) == n and len(h) == 11
+
+
+def test_period_loader_stream_and_exact_state(digits):
+    train, _ = digits
+    loader = PeriodLoader(train, batch_size=100, steps=5, seed=3)
+    assert len(loader) == 5
+    seen = [y for _ in range(2) for _, y in loader]  # 10 batches: pass 1 has 13 full batches of 100
+    assert all(len(y) == 100 for y in seen)
+    first_pass = torch.cat(seen)
+    assert len(set(first_pass.tolist())) <= 10 and len(first_pass) == 1000
+    idx = torch.cat([loader.order[:1000]])
+    assert len(set(idx.tolist())) == 1000  # no repeats within a pass
+    state = loader.state_dict()
+    nxt = [x for x, _ in loader]  # straddles into a second pass (13 batches per pass)
+    again = PeriodLoader(train, batch_size=100, steps=5, seed=99)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(nxt, [x for x, _ in again], strict=True))
+    with pytest.raises(ValueError, match="steps"):
+        PeriodLoader(train, 10, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        PeriodLoader(train, 10**6, 2)
+
+
+class Crash(Callback):
+    def __init__(self, at_epoch: int) -> None:
+        self.at_epoch = at_epoch
+
+    def on_epoch_end(self, epoch, stats):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt
+
+
+def test_fit_resume_after_crash_continues_identically(digits, fp_net, tmp_path):
+    """λ, the λ optimizer, g / p / L_pre, the monitor and the period loader are in fit's checkpoint: a run
+    killed mid-way and resumed with ``fit(..., resume=True)`` ends exactly like the uninterrupted one."""
+    train, test = digits
+    cfg = _tiny_cfg()
+    full = post_train(fp_net, train, test, "ter", "cbp", 1, cfg, device="cpu", keep_model=True, progress=False)
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):  # period 5 ends mid-interval between events (p = 1 or 2)
+        post_train(fp_net, train, test, "ter", "cbp", 1, cfg, device="cpu", checkpoint=str(ckpt),
+                   callbacks=[Crash(5)], progress=False)
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 4 and saved["callbacks"]["CBP#0"]["g"] > 1 and "CBPMonitor#0" in saved["callbacks"]
+    resumed = post_train(fp_net, train, test, "ter", "cbp", 1, cfg, device="cpu", checkpoint=str(ckpt),
+                         resume=True, keep_model=True, progress=False)
+    assert resumed["history"] == full["history"]  # every logged number, including the events and g
+    assert any(e["cbp_event"] for e in full["history"][5:])
+    assert all(torch.equal(a, b) for a, b in zip(full["cbp"].lambdas, resumed["cbp"].lambdas, strict=True))
+    for key in ("top1", "cfs", "lambda_mean", "events", "g", "changed_frac", "lambda_monotone"):
+        assert resumed[key] == full[key], key
+    for p, q in zip(full["model"].parameters(), resumed["model"].parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_post_train_variants_and_invariants(digits, fp_net):
+    train, test = digits
+    cfg = _tiny_cfg(periods=12, p_max=2)
+    runs = {v: post_train(fp_net, train, test, "bin", v, 0, cfg, device="cpu", progress=False)
+            for v in ("ste", "cbp", "no_window")}
+    for v, r in runs.items():
+        gs = [e["cbp_g"] for e in r["history"] if e["cbp_event"]]
+        assert gs == [2, 3, 4, 5, 6, 7], v  # p_max = 2: an event every second period, in all variants
+        assert r["lambda_monotone"] and all(e["cbp_lambda_monotone"] for e in r["history"])
+        check_json_native({k: v for k, v in r.items()})
+    assert runs["ste"]["lambda_max"] == 0.0
+    assert runs["ste"]["cfs"] == pytest.approx(runs["ste"]["cfs_initial"], rel=0.02)  # latent weights stay put
+    assert runs["cbp"]["cfs"] < 0.8 * runs["cbp"]["cfs_initial"]
+    assert runs["no_window"]["cfs"] < runs["cbp"]["cfs"]  # full pressure from the start
+    assert runs["no_window"]["lambda_mean"] > runs["cbp"]["lambda_mean"]
+
+
+def test_lr_drops_once_at_g20(digits, fp_net):
+    train, test = digits
+    r = post_train(fp_net, train, test, "2bit", "cbp", 0, _tiny_cfg(periods=24, period_steps=1, p_max=2),
+                   device="cpu", progress=False)
+    h = r["history"]
+    lrs = [e["lr"] for e in h]
+    drop = next(i for i, e in enumerate(h) if e["cbp_event"] and e["cbp_g"] == 20)
+    assert lrs[: drop + 1] == [0.003] * (drop + 1)
+    assert lrs[drop + 1:] == pytest.approx([0.0003] * (len(h) - drop - 1))
+    assert r["lr_scale"] == pytest.approx(0.1) and r["g"] == 40
+
+
+def _experiment(monkeypatch, tmp_path, **over):
+    monkeypatch.setenv("PAPERLIB_ROOT", str(tmp_path))  # the FP cache and checkpoints go to tmp
+    cfg = _tiny_cfg(fp_epochs=2, **over)
+    return run_cbp_experiment(cfg, device="cpu")
+
+
+def test_experiment_metrics_tables_and_expectations(monkeypatch, tmp_path):
+    m = _experiment(monkeypatch, tmp_path, sets=["bin", "ter"], seeds=[0, 1], periods=6, period_steps=1)
+    check_json_native(m)
+    assert len(m["per_seed"]) == 2 * 3 * 2 and len(m["summary"]) == 6
+    assert m["key_metric"]["value"] == next(s["top1_mean"] for s in m["summary"]
+                                            if s["mode"] == "bin" and s["variant"] == "cbp")
+    assert set(m["histograms"]["after"]["resnet20"]["ter"]) == {"ste", "cbp", "no_window"}
+    assert len(m["histograms"]["before"]["resnet20"]["bin"]) == m["config"]["hist_bins"]
+    assert len(m["history"]["resnet20/ter/no_window/seed1"]) == 6
+    exp = check_expectations(m)
+    assert [e["id"] for e in exp] == list(range(1, 9)) and exp == m["expectations"]
+    assert exp[0]["held"] is True  # λ monotone: an exact invariant
+    assert exp[6]["held"] is None  # needs all four sets
+    assert all(e["held"] in (True, False, None) and e["measured"] for e in exp)
+    abl = ablation_table(m)
+    assert list(abl["variant"][:3]) == ["CBP", "CBP without window", "plain STE (λ ≡ 0)"]
+    assert list(abl["paper, ImageNet: top-1 (%)"]) == ["66.6", "60.2", "64.6", "–", "–", "–"]
+    assert "ours, digits: top-1 (%)" in abl.columns and "±" in abl["ours, digits: top-1 (%)"][0]
+    acc = accuracy_table(m)
+    assert list(acc["set"]) == ["full precision", "binary", "ternary"]
+    assert list(acc["paper, ImageNet: ResNet-18 CBP"]) == ["69.6", "66.6", "68.9"]
+    assert list(expectations_table(m)["result"])[0] == "held"
+
+
+def test_parallel_workers_give_the_serial_results(monkeypatch, tmp_path):
+    over = dict(sets=["bin"], variants=["cbp"], seeds=[0, 1], periods=3, period_steps=1)
+    serial = _experiment(monkeypatch, tmp_path, workers=1, **over)
+    parallel = _experiment(monkeypatch, tmp_path, workers=2, **over)
+    assert serial["per_seed"] == parallel["per_seed"] and serial["history"] == parallel["history"]
+
+
+def test_bad_settings_fail_early_with_the_fix():
+    with pytest.raises(ValueError, match="unknown CBP mode 'quad'.*bin"):
+        run_cbp_experiment(_tiny_cfg(sets=["quad"]), device="cpu")
+    with pytest.raises(ValueError, match="variants.*unknown"):
+        run_cbp_experiment(_tiny_cfg(variants=["adam"]), device="cpu")
+    with pytest.raises(ValueError, match="period_steps"):
+        run_cbp_experiment(_tiny_cfg(period_steps=-1), device="cpu")
+    with pytest.raises(ValueError, match="hparams"):
+        post_train(nn.Linear(2, 2), None, None, "bin", "cbp", 0, _tiny_cfg(hparams="paperish"))
+
+
+def test_paper_preset_without_data_dir_names_the_missing_data():
+    with pytest.raises(DataError, match="needs data_dir.*train.csv and val.csv.*resnet18-5c106cde"):
+        run_cbp_experiment(resolve("cbp", "paper"), device="cpu", data_dir="")
+
+
+def _fake_imagenet(root, n_classes=4, per_class=4, size=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "val": []}
+    for split in rows:
+        for c in range(n_classes):
+            for i in range(per_class):
+                rel = f"{split}/n{c:03d}/{i}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / rel)
+                rows[split].append(f"{rel},{c}")
+        (root / f"{split}.csv").write_text("image,label\n" + "\n".join(rows[split]) + "\n")
+
+
+def test_paper_preset_path_on_a_fake_imagenet(monkeypatch, tmp_path):
+    """The ImageNet path end to end at toy size: manifests, the user's weights file, checkpoints, resume.
+    (A ResNet-20 with 1000 classes stands in for ResNet-18/50 to keep it to seconds on a CPU.)"""
+    import paperlib.cbp as cbp_module
+    from paperlib.models import create_model
+
+    data = tmp_path / "imagenet"
+    _fake_imagenet(data)
+    monkeypatch.setitem(cbp_module.PAPER_WEIGHTS, "resnet20", "weights/resnet20.pth")
+    cfg = resolve("cbp", "paper")
+    cfg.update(archs=["resnet20"], ablation_archs=["resnet20"], sets=["bin"], seeds=[0], image_size=16,
+               periods=2, hparams="preset", batch_size=4, num_workers=0)
+    with pytest.raises(DataError, match="resnet20 weights not found.*torch.save"):
+        run_cbp_experiment(cfg, device="cpu", data_dir=str(data))
+    torch.manual_seed(0)
+    (data / "weights").mkdir()
+    torch.save(create_model("resnet20", num_classes=1000).state_dict(), data / "weights" / "resnet20.pth")
+    monkeypatch.setenv("PAPERLIB_ROOT", str(tmp_path / "root"))
+    m = run_cbp_experiment(cfg, device="cpu", data_dir=str(data))
+    assert {(r["variant"], r["periods"]) for r in m["per_seed"]} == {("cbp", 2), ("ste", 2), ("no_window", 2)}
+    assert all(len(h) == 2 for h in m["history"].values())  # 16 images / batch 4: one period = one pass
+    assert m["per_seed"][0]["top5"] is not None and len(m["data_fingerprint"]) == 16
+    ckpts = sorted(p.name for p in (tmp_path / "root" / "runs" / "_cache").glob("cbp-*/*.pt"))
+    assert ckpts == ["resnet20-bin-cbp-seed0.pt", "resnet20-bin-no_window-seed0.pt", "resnet20-bin-ste-seed0.pt"]
+    again = run_cbp_experiment(cfg, device="cpu", data_dir=str(data))  # finished checkpoints: nothing to train
+    assert again["history"] == m["history"]
+    assert [r["top1"] for r in again["per_seed"]] == [r["top1"] for r in m["per_seed"]]
+
+
+def test_constraint_curves_are_figure_1():
+    d = constraint_curves()
+    assert set(d) == {"bin", "ter"} and set(d["bin"]["g"]) == {"2", "10"}
+    w = np.array(d["ter"]["w"])
+    cs = np.array(d["ter"]["g"]["2"]["cs"])
+    assert cs[np.argmin(np.abs(w - 0.5))] == 0.0 and cs[np.argmin(np.abs(w - 1.0))] == pytest.approx(0, abs=0.01)
+    np.testing.assert_allclose(d["ter"]["g"]["10"]["windows"], [[-0.55, -0.45], [0.45, 0.55]])
+    assert OVERSHOOT_TOL == 0.1
