@@ -9,10 +9,42 @@ cites the spec section it implements and names the variant it follows.
 - :mod:`.prox` — ProxQ's penalty and the baselines' importance (§1.2, §1.7).
 - :mod:`.splits` — task / replay generators (§3), in memory and for image folders.
 - :mod:`.metrics` — ``A_T``, ``F_T``, ``BWT`` (§2).
+- :mod:`.pipeline` — the 32 -> 8 -> 4-bit lifelong pipeline (§2, §5: ``mode="paper"``/``"code"``, baselines),
+  the notebook's driver ``run_lifequant``, its tables and the §6 checks.
 """
 
 from .ball import BALL_FORMS, BaLLLoss, ball_loss, ball_scale, class_counts, read_reweight, scale_vector
 from .metrics import accuracy_matrix, lifelong_metrics
+from .pipeline import (
+    METHOD_LABELS,
+    METHOD_PRESETS,
+    MODES,
+    LifelongCriterion,
+    LifelongMethod,
+    LifelongResult,
+    LifelongSchedule,
+    LossMonitor,
+    MissingData,
+    SeenTaskEval,
+    accuracy_matrix_table,
+    check_expectations,
+    check_experiment,
+    class_count_table,
+    compute_importance,
+    experiment_methods,
+    identity_at_32_bits,
+    load_domain_data,
+    make_method,
+    make_schedule,
+    mean_accuracy_matrix,
+    method_specs,
+    pretrain_table,
+    run_lifelong,
+    run_lifequant,
+    state_fingerprint,
+    summary_table,
+    task0_start,
+)
 from .prox import (
     DEFAULT_LAMBDA,
     METHODS,
@@ -62,6 +94,12 @@ from .splits import (
 )
 
 __all__ = [
+    "METHOD_LABELS", "METHOD_PRESETS", "MODES", "LifelongCriterion", "LifelongMethod", "LifelongResult",
+    "LifelongSchedule", "LossMonitor", "MissingData", "SeenTaskEval", "accuracy_matrix_table", "check_expectations",
+    "check_experiment", "class_count_table", "compute_importance", "experiment_methods", "identity_at_32_bits",
+    "load_domain_data",
+    "make_method", "make_schedule", "mean_accuracy_matrix", "method_specs", "pretrain_table", "run_lifelong",
+    "run_lifequant", "state_fingerprint", "summary_table", "task0_start",
     "ACT_QUANTIZERS", "BALL_FORMS", "DEFAULT_LAMBDA", "IMAGECLEF", "METHODS", "MOBILENET_CIFAR_WEIGHT_STD",
     "NOOP_IN_ORIGINAL", "OFFICE31", "PAIRED_ACTIVATION", "WEIGHT_QUANTIZERS", "BaLLLoss",
     "LifeQuantActivation", "LifeQuantWeight", "LifelongFiles", "LifelongSplit", "accuracy_matrix",

@@ -11,6 +11,7 @@ from .mobilenetv2 import MobileNetV2Cifar, mobilenetv2
 from .resnet_cifar import ResNetCifar, resnet20, resnet32, resnet56
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": lambda **kw: ResNetCifar(8, **kw),  # ResNet-20's blocks, one per stage: a fast digits net
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
