@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .atomic import atomic_write_text
 
 PACKAGES = ("paperlib", "torch", "torchvision", "numpy", "scipy", "pandas", "scikit-learn", "matplotlib",
             "seaborn", "papermill")
@@ -64,23 +65,13 @@ def _clean_nan(value: Any) -> Any:
 
 def write_json(path: str | Path, value: Any) -> Path:
     """Atomically write JSON (NaN/inf become null, so the file is strict JSON)."""
-    path = Path(path)
-    check_json_native(value, path.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_clean_nan(value), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    check_json_native(value, Path(path).name)
+    return atomic_write_text(path, json.dumps(_clean_nan(value), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: str | Path, frame: Any) -> Path:
     """Atomically write a pandas frame as CSV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, frame.to_csv(index=False))
 
 
 def read_json(path: str | Path) -> Any:

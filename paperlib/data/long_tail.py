@@ -22,7 +22,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .errors import DataError, DataTypeError
 
 CountsMode = Literal["recursive", "closed_form"]
@@ -362,7 +362,7 @@ def write_long_tail_manifests(
             for j in _seeded_choice(len(train_items[c]), n, label)]
     tag = gamma_tag(gamma)
     train_csv = out / f"{stem}_train{tag}.csv"
-    _atomic_write(train_csv, _csv_text(rows))
+    atomic_write_text(train_csv, _csv_text(rows))
 
     test_csv, test_written = None, False
     if test_split is not None:
@@ -374,11 +374,11 @@ def write_long_tail_manifests(
                 raise DataError(f"test classes {unknown} have no training folder in {train_split}/")
             rank = {c: i for i, c in enumerate(order)}
             test_rows = [(p, rank[c]) for c in order for p in test_items.get(c, [])]
-            _atomic_write(test_csv, _csv_text(test_rows))
+            atomic_write_text(test_csv, _csv_text(test_rows))
             test_written = True
 
     counts_json = (Path(counts_dir) if counts_dir is not None else out / "num_cls_data") / f"result{tag}.json"
-    _atomic_write(counts_json, json.dumps({str(i): n for i, n in enumerate(counts)}, indent=4))
+    atomic_write_text(counts_json, json.dumps({str(i): n for i, n in enumerate(counts)}, indent=4))
     return LongTailManifests(train_csv=train_csv, test_csv=test_csv, counts_json=counts_json,
                              test_written=test_written, classes=order, counts=counts)
 
@@ -389,19 +389,6 @@ def _csv_text(rows: Sequence[tuple[str, int]]) -> str:
     writer.writerow(["image", "label"])
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _as_int_array(values: object, what: str) -> np.ndarray:

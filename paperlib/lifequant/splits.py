@@ -24,11 +24,9 @@ later domain that the first domain lacks raise instead of being dropped silently
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import pandas as pd
 from torch import Tensor
 
+from ..atomic import atomic_write_text
 from .ball import _labels_array, ball_scale, class_counts
 
 DEFAULT_SEED = 123
@@ -301,19 +300,6 @@ def domain_incremental_split(
 # Image folders -> CSV files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _list_dirs(path: Path, what: str) -> list[str]:
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory; expected {what}")
@@ -371,7 +357,7 @@ def _write(
             "reweight": (f"reweight_{t}.json", json.dumps({str(k): v for k, v in split.scale[t].items()})),
         }
         for key, (name, text) in files.items():
-            _atomic_write(out / name, text)
+            atomic_write_text(out / name, text)
             names[key].append(out / name)
     manifest = {
         **split.meta, "num_tasks": split.num_tasks, "replay_rate": split.replay_rate, "seed": split.seed,
@@ -379,7 +365,7 @@ def _write(
         "rows": {"train": [int(i.size) for i in split.train], "test": [int(i.size) for i in split.test],
                  "replay": [int(i.size) for i in split.replay]},
     }
-    _atomic_write(out / "split.json", json.dumps(manifest, indent=1))
+    atomic_write_text(out / "split.json", json.dumps(manifest, indent=1))
     return LifelongFiles(out, split, class_names, names["train"], names["test"], names["replay"],
                          names["reweight"], out / "split.json")
 
