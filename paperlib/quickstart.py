@@ -76,6 +76,7 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
     fp = summary.loc[summary["method"] == "FP32", "top1_mean"].item()
     return {
         "dataset": cfg["dataset"],
+        "num_classes": train.num_classes,
         "device": str(dev),
         "data_fingerprint": train.fingerprint(),
         "seeds": list(cfg["seeds"]),
@@ -97,3 +98,28 @@ def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
                               zip(s["balanced_accuracy_mean"], s["balanced_accuracy_ci"], strict=True)],
         "seeds": s["n"],
     })
+
+
+def check_expectations(metrics: dict[str, Any], tolerance: float = 0.02) -> pd.DataFrame:
+    """What held and what did not, computed from the metrics: the usual QAT expectations on digits.
+
+    1. uniform W4A4 stays within ``tolerance`` (top-1, absolute) of FP32;
+    2. W2A2 is no better than W4A4 (fewer levels, less capacity);
+    3. every quantized model beats chance (1 / number of classes) by a wide margin (x5).
+    """
+    s = {row["method"]: row["top1_mean"] for row in metrics["summary"]}
+    fp, w4, w2 = s.get("FP32"), s.get("uniform W4A4"), s.get("uniform W2A2")
+    chance = 1 / metrics["num_classes"]
+    rows = []
+    if fp is not None and w4 is not None:
+        rows.append({"expectation": f"W4A4 within {100 * tolerance:.0f} points of FP32", "held": fp - w4 <= tolerance,
+                     "measured": f"{100 * (w4 - fp):+.1f} points"})
+    if w4 is not None and w2 is not None:
+        rows.append({"expectation": "W2A2 no better than W4A4", "held": w2 <= w4,
+                     "measured": f"{100 * (w2 - w4):+.1f} points"})
+    quantized = {k: v for k, v in s.items() if k != "FP32"}
+    if quantized:
+        worst = min(quantized.values())
+        rows.append({"expectation": "every quantized model far above chance (x5)", "held": worst >= 5 * chance,
+                     "measured": f"worst {100 * worst:.1f} % vs chance {100 * chance:.0f} %"})
+    return pd.DataFrame(rows)
