@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .device import cpu_threads
 from .presets import register_presets
 from .quant.core import QuantConv2d, QuantLinear, quantize_model
 
@@ -1177,22 +1178,6 @@ def _worker_run(job: dict[str, Any]) -> dict[str, Any]:
                       progress=False)
 
 
-class _Threads:
-    """``torch.set_num_threads(n)`` for a block (CPU runs only; 0 = leave torch's setting)."""
-
-    def __init__(self, n: int, dev: torch.device) -> None:
-        self.n = n if dev.type == "cpu" else 0
-        self.old = torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.n:
-            torch.set_num_threads(self.old)
-
-
 def run_cbp_experiment(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = "",
                        progress: bool | None = None, checkpoint_dir: str | None = None) -> dict[str, Any]:
     """The notebook's experiment; returns the JSON-native metrics dict (see the module's section 6).
@@ -1213,7 +1198,7 @@ def run_cbp_experiment(cfg: Mapping[str, Any], device: str = "auto", data_dir: s
 
         key = hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
         checkpoint_dir = str(paths.runs_dir() / "_cache" / f"cbp-{key}")
-    with _Threads(cfg["threads"], dev):
+    with cpu_threads(cfg["threads"] if dev.type == "cpu" else 0):
         train, test = _load_data(cfg, data_dir, dev)
         fingerprint = (train.fingerprint() if hasattr(train, "fingerprint")
                        else _file_fingerprint(Path(data_dir) / "train.csv", Path(data_dir) / "val.csv"))

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from .data.errors import DataError
 from .data.load import load_dataset
 from .data.tensors import InMemoryData, TensorLoader
+from .device import cpu_threads
 from .models import create_model, load_weights
 from .presets import register_presets
 from .pretrain import pretrained_fp32
@@ -1328,13 +1329,8 @@ def run_dgms(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
     ``num_threads`` > 0 sets ``torch.set_num_threads`` for the run (restored afterwards); 0 keeps torch's.
     """
     _check_cfg(cfg)
-    threads = torch.get_num_threads()
-    if cfg["num_threads"]:
-        torch.set_num_threads(cfg["num_threads"])
-    try:
+    with cpu_threads(cfg["num_threads"]):
         return _run_dgms(cfg, device, data_dir, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_dgms(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
