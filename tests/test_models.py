@@ -401,3 +401,21 @@ def test_quantize_model_on_every_model(name: str, kwargs: dict, first: str, slot
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert all(model.get_submodule(n).weight.grad is not None for n in quantized)
+
+
+def test_vgg_small_param_count_and_shapes() -> None:
+    """VGG-Small (LQ-Nets, DGMS's CIFAR-10 net): 6 convs 128-128-256-256-512-512 + BN + Linear(8192, 10)."""
+    m = create_model("vgg_small", num_classes=10)
+    convs = 3 * 128 * 9 + 128 * 128 * 9 + 128 * 256 * 9 + 256 * 256 * 9 + 256 * 512 * 9 + 512 * 512 * 9
+    bns = 2 * (128 + 128 + 256 + 256 + 512 + 512)
+    assert sum(p.numel() for p in m.parameters()) == convs + bns + 512 * 16 * 10 + 10 == 4_660_106
+    m.eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    small = create_model("vgg_small", num_classes=10, in_channels=1, width=0.125).eval()
+    assert small(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        small(torch.randn(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="width"):
+        create_model("vgg_small", width=0)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        create_model("vgg_small", num_classes=2.5)

@@ -9,6 +9,7 @@ from torch import nn
 from .imagenet import AlexNetBN, ResNetImageNet, alexnet_bn, load_weights, resnet18, resnet50
 from .mobilenetv2 import MobileNetV2Cifar, mobilenetv2
 from .resnet_cifar import ResNetCifar, resnet20, resnet32, resnet56
+from .vgg_small import VGGSmall, vgg_small
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": lambda **kw: ResNetCifar(8, **kw),  # ResNet-20's blocks, one per stage: a fast digits net
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
     "alexnet_bn": alexnet_bn,
+    "vgg_small": vgg_small,
 }
 
 
@@ -39,5 +41,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
 __all__ = [
     "MODELS", "AlexNetBN", "MobileNetV2Cifar", "ResNetCifar", "ResNetImageNet", "alexnet_bn",
     "create_model", "load_weights", "mobilenetv2", "register_model", "resnet18", "resnet20", "resnet32",
-    "resnet50", "resnet56",
+    "resnet50", "resnet56", "VGGSmall", "vgg_small",
 ]
