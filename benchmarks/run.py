@@ -6,7 +6,11 @@
 - train-step time of each quantized ResNet-20 divided by the FP32 step of the same net (batch 128, at 8x8 and
   32x32): uniform STE (DoReFa), LSQ, ClimbQ W4A4, LifeQuant W4A4 + prox penalty, CBP (constraint term), DGMS
   (K=16), and the peer PyTorch users would reach for: ``torch.ao`` eager/FX fake-quant QAT at 8 bits;
-- the HomoVar loss against the original's dense [B, K, D] formulation (time and peak memory).
+- the HomoVar loss against the original's dense [B, K, D] formulation (time and peak memory);
+- DGMS memory: the peak memory of one ResNet-18 train step at K=16 on a 224 px batch against FP32 (issue 8);
+- the GPU path (only on CUDA): ``fit`` throughput of ResNet-20 at 32x32 in FP32 and with bf16 autocast +
+  ``channels_last``, data resident on the GPU;
+- end-to-end: wall time of ``reproduce`` per notebook at the smoke and default presets (``--e2e``).
 
 Median of several repetitions after warm-up. Targets from the issue are checked and reported, never asserted.
 """
@@ -29,6 +33,7 @@ from torch import nn
 from paperlib.device import resolve_device
 from paperlib.models import create_model
 from paperlib.quant import ClippedActivation, DoReFaWeight, LSQActivation, LSQWeight, quantize_model
+from paperlib.train import Callback
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"ClimbQ W4A4": 1.25, "LifeQuant W4A4 + prox": 1.25, "CBP ter": 1.15, "DGMS K=16": 1.6}
@@ -99,6 +104,9 @@ def step_cases() -> dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module,
         del importance
 
         def loss(model, x, y):
+            if old[next(iter(old))].device != x.device:  # the snapshot was taken before the model moved
+                for d in (old, imp):
+                    d.update({k: v.to(x.device) for k, v in d.items()})
             return F.cross_entropy(model(x), y) + prox_penalty(model, old, imp)
 
         return m, loss
@@ -251,6 +259,112 @@ def bench_homovar(device: torch.device, reps: int, quick: bool) -> list[dict[str
     return rows
 
 
+def _resnet18_step(name: str, device: torch.device, batch: int, reps: int) -> dict[str, Any]:
+    from paperlib.dgms import dgms_layers, quantize_dgms
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=1000)
+    if name != "FP32":
+        model = quantize_dgms(model, 16)
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    _, peak = _peak(step, device)
+    t = median_time(step, device, reps, warmup=1)
+    shared = 0 if name == "FP32" else sum(q.weight.numel() for q in dgms_layers(model).values())
+    return {"case": name, "batch": batch, "step_ms": round(1000 * t, 1),
+            "peak_mb": None if peak is None else round(peak / 2**20, 1),
+            "one_Kxw_mb": round(16 * shared * 4 / 2**20, 1) if shared else None}
+
+
+def _resnet18_step_in_child(queue: Any, name: str, batch: int, reps: int) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    queue.put(_resnet18_step(name, torch.device("cpu"), batch, reps))
+
+
+def bench_dgms_memory(device: torch.device, batch: int, reps: int) -> list[dict[str, Any]]:
+    """Peak memory and time of one ResNet-18 (1000 classes) train step at 224 px: FP32 vs DGMS K=16 (issue 8).
+
+    The peak is the memory a step needs above what model, optimizer and batch already hold: the CUDA
+    allocator's peak, or on CPU the growth of the peak RSS of a fresh process per case. DGMS keeps at most one
+    [K, #w] tensor per layer for backward; ``one_Kxw_mb`` is that tensor's size summed over the shared layers
+    (float32), the bound the extra peak is compared with.
+    """
+    import multiprocessing as mp
+
+    rows = []
+    for name in ("FP32", "DGMS K=16"):
+        if device.type == "cpu":
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_resnet18_step_in_child, args=(queue, name, batch, reps))
+            proc.start()
+            row = queue.get()
+            proc.join()
+        else:
+            row = _resnet18_step(name, device, batch, reps)
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"  ResNet-18 224px b={batch} {name}: {row['step_ms']:.0f} ms, peak {row['peak_mb']} MB", flush=True)
+    return rows
+
+
+class EpochClock(Callback):
+    """Records the (synchronised) wall time at the end of every epoch."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+
+def bench_gpu_fit(device: torch.device, epochs: int = 2, n: int = 8192) -> list[dict[str, Any]]:
+    """``fit`` throughput (images/s, last epoch) of ResNet-20 at 32x32 on GPU-resident data, FP32 vs bf16+NHWC."""
+    from paperlib.data.tensors import InMemoryData
+    from paperlib.train import TrainConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    data = InMemoryData(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g),
+                        [str(i) for i in range(10)], (0.0,) * 3, (1.0,) * 3)
+    rows = []
+    for label, kw in (("FP32", {}), ("bf16 + channels_last", {"amp": "bf16", "channels_last": True})):
+        cfg = TrainConfig(epochs=epochs, batch_size=128, augment=True, **kw)
+        clock = EpochClock(device)
+        fit(_resnet(), data, None, cfg, callbacks=[clock], device=device, progress=False)
+        times = clock.times
+        rate = n / (times[-1] - times[-2]) if len(times) > 1 else float("nan")
+        rows.append({"case": label, "images_per_s": round(rate, 1)})
+        print(f"  fit ResNet-20 32px {label}: {rate:.0f} images/s", flush=True)
+    return rows
+
+
+def bench_e2e(presets: list[str]) -> list[dict[str, Any]]:
+    """Wall time of ``reproduce`` per notebook (papermill, fresh kernel) into a temporary runs folder."""
+    import tempfile
+
+    from paperlib.reproduce import list_notebooks, reproduce
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in presets:
+            for name in list_notebooks():
+                res = reproduce(preset, only=[name], runs_root=Path(tmp) / "runs", figures_root=Path(tmp) / "fig")
+                wall = sum(r.wall_time_s for r in res)
+                ok = all(r.status == "ok" for r in res)
+                rows.append({"preset": preset, "notebook": name, "wall_s": round(wall, 1), "ok": ok})
+                print(f"  reproduce {preset:<8} {name:<14} {wall:7.1f} s {'ok' if ok else 'FAILED'}", flush=True)
+    return rows
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device), "machine": platform.machine()}
@@ -272,6 +386,23 @@ def to_markdown(results: dict[str, Any]) -> str:
         met = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "**no**")
         lines.append(f"| {r['size']}px | {r['case']} | {r['step_ms']} | {r['ratio_vs_fp32']} | "
                      f"{r['target'] or ''} | {met} |")
+    if results.get("dgms_memory"):
+        lines += ["", "## DGMS memory: one ResNet-18 train step at 224 px (1000 classes)\n",
+                  "| method | batch | ms/step | peak MB | one [K, #w] tensor MB |", "|---|---|---|---|---|"]
+        for r in results["dgms_memory"]:
+            lines.append(f"| {r['case']} | {r['batch']} | {r['step_ms']} | {r['peak_mb']} | {r['one_Kxw_mb'] or ''} |")
+        if results["machine"]["device"] == "cpu":
+            lines.append("\nOn CPU the peak is the growth of the process's peak RSS (a lower bound); on CUDA it is "
+                         "the allocator's peak above the memory already allocated.")
+    if results.get("gpu_fit"):
+        lines += ["", "## GPU path: `fit` throughput, ResNet-20 32x32, batch 128, data on the GPU\n",
+                  "| variant | images/s |", "|---|---|"]
+        lines += [f"| {r['case']} | {r['images_per_s']} |" for r in results["gpu_fit"]]
+    if results.get("e2e"):
+        lines += ["", "## End-to-end: `reproduce` wall time per notebook\n", "| preset | notebook | wall s | ok |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['preset']} | {r['notebook']} | {r['wall_s']} | {'yes' if r['ok'] else '**no**'} |"
+                  for r in results["e2e"]]
     lines += ["", "## HomoVar loss (forward + backward) vs the original dense [B, K, D] form\n",
               "| case | B | K | D | ours ms | dense ms | speed-up | ours peak MB | dense peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -287,13 +418,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="8x8 only, fewer reps, small HomoVar case")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--out", default=str(HERE))
+    p.add_argument("--e2e", default=None, help="comma-separated presets to time end to end (default: smoke,default; "
+                   "'none' to skip; --quick skips)")
+    p.add_argument("--dgms-batch", type=int, default=None, help="224 px batch of the DGMS memory case "
+                   "(default 64 on CUDA, 8 on CPU; 0 skips)")
+    p.add_argument("--only", default="", help="comma-separated sections: steps,homovar,dgms_memory,gpu_fit,e2e")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     reps = args.reps or (3 if args.quick else 7)
     sizes = [8] if args.quick else [8, 32]
     print(f"benchmarks on {device} ({os.cpu_count()} CPUs)")
-    results = {"machine": machine(device), "reps": reps, "steps": bench_steps(device, sizes, reps),
-               "homovar": bench_homovar(device, reps, args.quick)}
+    only = {s for s in args.only.split(",") if s}
+    want = (lambda section: not only or section in only)  # noqa: E731
+    e2e = [] if args.quick else [p for p in (args.e2e or "smoke,default").split(",") if p and p != "none"]
+    dgms_batch = args.dgms_batch if args.dgms_batch is not None else (64 if device.type == "cuda" else 8)
+    results: dict[str, Any] = {"machine": machine(device), "reps": reps}
+    results["steps"] = bench_steps(device, sizes, reps) if want("steps") else []
+    results["homovar"] = bench_homovar(device, reps, args.quick) if want("homovar") else []
+    if want("dgms_memory") and dgms_batch and not args.quick:
+        results["dgms_memory"] = bench_dgms_memory(device, dgms_batch, max(1, reps // 3))
+    if want("gpu_fit") and device.type == "cuda":
+        results["gpu_fit"] = bench_gpu_fit(device)
+    if want("e2e") and e2e:
+        results["e2e"] = bench_e2e(e2e)
     out = Path(args.out)
     from paperlib.runs import write_json
 

@@ -15,6 +15,7 @@ no float64); the F distribution is always scipy's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -213,6 +214,13 @@ class HomogeneityBounds:
         return df
 
 
+@functools.lru_cache(maxsize=256)
+def f_critical(alpha: float, df_between: float, df_within: float) -> float:
+    """``F^{-1}_{df_between, df_within}(1 - alpha)`` (``scipy.stats.f.ppf``), cached: HomoVar asks for the same
+    value every training step (the dataset counts fix K and N)."""
+    return float(scipy.stats.f.ppf(1 - alpha, df_between, df_within))
+
+
 def homogeneity_bounds(
     z: Tensor | np.ndarray | Sequence[float],
     labels: Tensor | np.ndarray | Sequence[int],
@@ -253,7 +261,7 @@ def homogeneity_bounds(
     s = torch.zeros(k, dtype=torch.float64, device=zt.device).index_add_(0, y, zt)
     zbar_k = s / n
     zbar = zbar_k.mean() if grand_mean == "unweighted" else s.sum() / big_n
-    f_star = float(scipy.stats.f.ppf(1 - alpha, k - 1, big_n - k))
+    f_star = f_critical(alpha, k - 1, big_n - k)
     dev2 = (zt - zbar_k[y]).square()
     if mask_zero_z:
         dev2 = dev2 * (zt != 0)
@@ -462,8 +470,10 @@ def _as_labels(labels: object, n: int, device: torch.device, num_classes: int | 
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"labels must be 1-D with one label per sample ({n}), got shape {tuple(y.shape)}")
     y = y.to(device=device, dtype=torch.long)
-    if n and (int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes)):
-        hi = f"{num_classes}" if num_classes is not None else "K"
-        raise ValueError(f"labels must be class ids in [0, {hi}), got [{int(y.min())}, {int(y.max())}]")
+    if n:
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync for both bounds
+        if lo < 0 or (num_classes is not None and hi >= num_classes):
+            k = f"{num_classes}" if num_classes is not None else "K"
+            raise ValueError(f"labels must be class ids in [0, {k}), got [{lo}, {hi}]")
     return y
 
