@@ -33,3 +33,18 @@ def test_markdown_reports_missed_targets():
            "steps": [{"case": "CBP ter", "size": 8, "step_ms": 10, "ratio_vs_fp32": 1.5, "target": 1.15,
                       "meets_target": False}], "homovar": []}
     assert "| 8px | CBP ter | 10 | 1.5 | 1.15 | **no** |" in to_markdown(res)
+
+
+def test_markdown_renders_memory_gpu_and_e2e_sections():
+    res = {"machine": {"cpus": 16, "torch": "2.11", "device": "cuda", "gpu": "H100"}, "reps": 7, "steps": [],
+           "homovar": [],
+           "dgms_memory": [{"case": "FP32", "batch": 64, "step_ms": 15.1, "peak_mb": 1364.4, "one_Kxw_mb": None},
+                           {"case": "DGMS K=16", "batch": 64, "step_ms": 315.5, "peak_mb": 1443.2,
+                            "one_Kxw_mb": 681.0}],
+           "gpu_fit": [{"case": "FP32", "images_per_s": 10692.2}],
+           "e2e": [{"preset": "smoke", "notebook": "cbp", "wall_s": 20.5, "ok": False}]}
+    md = to_markdown(res)
+    assert "(H100)" in md
+    assert "| DGMS K=16 | 64 | 315.5 | 1443.2 | 681.0 |" in md
+    assert "| FP32 | 10692.2 |" in md
+    assert "| smoke | cbp | 20.5 | **no** |" in md
