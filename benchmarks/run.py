@@ -229,28 +229,55 @@ def dense_homovar(logits, labels, features, counts, alpha=0.05, beta=0.999):
     return (w[labels][:, None] * bce).mean()
 
 
-def bench_homovar(device: torch.device, reps: int, quick: bool) -> list[dict[str, Any]]:
+def _homovar_case(label: str, b: int, k: int, d: int, device: torch.device, reps: int) -> dict[str, Any]:
     from paperlib.climbq import homovar_loss
 
+    fn = homovar_loss if label == "ours" else dense_homovar
+    g = torch.Generator().manual_seed(0)
+    tiny = torch.randn(8, 4, generator=g, device="cpu").to(device).requires_grad_()  # lazy inits off the peak
+    fn(tiny, torch.arange(8).to(device) % 4, torch.rand(8, 4, generator=g).to(device), [5, 5, 5, 5]).backward()
+    logits = torch.randn(b, k, generator=g).to(device).requires_grad_()
+    labels = torch.randint(0, k, (b,), generator=g).to(device)
+    feats = torch.rand(b, d, generator=g).relu().to(device)
+    counts = torch.randint(5, 1300, (k,), generator=g).tolist()
+
+    def call():
+        loss = fn(logits, labels, feats, counts)
+        loss.backward()
+        return loss
+
+    _, peak = _peak(call, device)  # first call: the memory high-water mark is measured before timing
+    t = median_time(call, device, reps, warmup=1)
+    return {"ms": round(1000 * t, 2), "peak_mb": None if peak is None else round(peak / 2**20, 1)}
+
+
+def _in_child(queue: Any, target: Callable[..., dict[str, Any]], args: tuple) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    queue.put(target(*args))
+
+
+def _isolated(target: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run ``target(*args)`` in a fresh process on CPU, so its peak-RSS growth is its own (not a lower bound)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_in_child, args=(queue, target, args))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+def bench_homovar(device: torch.device, reps: int, quick: bool) -> list[dict[str, Any]]:
     cases = [("CIFAR-100-like", 128, 100, 64)] + ([] if quick else [("ImageNet-scale", 256, 1000, 2048)])
     rows = []
     for name, b, k, d in cases:
-        g = torch.Generator().manual_seed(0)
-        logits = torch.randn(b, k, generator=g).to(device).requires_grad_()
-        labels = torch.randint(0, k, (b,), generator=g).to(device)
-        feats = torch.rand(b, d, generator=g).relu().to(device)
-        counts = torch.randint(5, 1300, (k,), generator=g).tolist()
         row: dict[str, Any] = {"case": name, "B": b, "K": k, "D": d}
-        for label, fn in (("ours", homovar_loss), ("dense", dense_homovar)):
-            def call(fn=fn, logits=logits, labels=labels, feats=feats, counts=counts):
-                loss = fn(logits, labels, feats, counts)
-                loss.backward()
-                return loss
-
-            _, peak = _peak(call, device)  # first call: the memory high-water mark is measured before timing
-            t = median_time(call, device, reps, warmup=1)
-            row[f"{label}_ms"] = round(1000 * t, 2)
-            row[f"{label}_peak_mb"] = None if peak is None else round(peak / 2**20, 1)
+        for label in ("ours", "dense"):
+            args = (label, b, k, d, device, reps)
+            r = _isolated(_homovar_case, *args) if device.type == "cpu" else _homovar_case(*args)
+            row[f"{label}_ms"], row[f"{label}_peak_mb"] = r["ms"], r["peak_mb"]
         row["speedup"] = round(row["dense_ms"] / row["ours_ms"], 1)
         row["meets_target"] = bool(row["speedup"] >= 20) if name == "ImageNet-scale" else None
         print(f"  HomoVar {name}: ours {row['ours_ms']} ms / dense {row['dense_ms']} ms (x{row['speedup']}), "
@@ -284,11 +311,6 @@ def _resnet18_step(name: str, device: torch.device, batch: int, reps: int) -> di
             "one_Kxw_mb": round(16 * shared * 4 / 2**20, 1) if shared else None}
 
 
-def _resnet18_step_in_child(queue: Any, name: str, batch: int, reps: int) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
-    queue.put(_resnet18_step(name, torch.device("cpu"), batch, reps))
-
-
 def bench_dgms_memory(device: torch.device, batch: int, reps: int) -> list[dict[str, Any]]:
     """Peak memory and time of one ResNet-18 (1000 classes) train step at 224 px: FP32 vs DGMS K=16 (issue 8).
 
@@ -297,17 +319,10 @@ def bench_dgms_memory(device: torch.device, batch: int, reps: int) -> list[dict[
     [K, #w] tensor per layer for backward; ``one_Kxw_mb`` is that tensor's size summed over the shared layers
     (float32), the bound the extra peak is compared with.
     """
-    import multiprocessing as mp
-
     rows = []
     for name in ("FP32", "DGMS K=16"):
         if device.type == "cpu":
-            ctx = mp.get_context("spawn")
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_resnet18_step_in_child, args=(queue, name, batch, reps))
-            proc.start()
-            row = queue.get()
-            proc.join()
+            row = _isolated(_resnet18_step, name, device, batch, reps)
         else:
             row = _resnet18_step(name, device, batch, reps)
             torch.cuda.empty_cache()
