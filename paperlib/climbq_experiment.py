@@ -69,14 +69,15 @@ __all__ = [
     "SelectBest", "SigmaScaling", "SymmetricUniformActivation", "climbq_models", "find_climbq_run",
     "homovar_batch_bounds",
     "load_base_data", "load_model", "make_long_tail_splits", "quantize_for_method", "run_climbq", "run_levene",
-    "runs_root_of", "summary_table", "levene_table",
+    "runs_root_of", "summary_table", "levene_table", "check_expectations", "checks_summary", "sigma_deviation",
+    "SPEC_SANITY_RUN",
 ]
 
 _COMMON = {"weight_decay": 1e-4, "momentum": 0.9, "sigma_mode": "batch_freq",
            "eval_sigma": 2.0, "act_range": 2.0, "uniform_act": "symmetric", "act_clip": 2.0, "alpha": 0.05,
            "beta": 0.999, "homovar_base": "bce", "homovar_counts": "dataset", "lt_mode": "recursive",
            "lt_min_count": 1, "selection": "val", "val_fraction": 0.5, "split_seed": 0, "tail_classes": 3,
-           "save_bits": 4}
+           "save_bits": 4, "sigma_check_batch": 128, "sigma_check_epochs": 10}
 register_presets(NOTEBOOK, {
     # digits-LT has 336-550 training images: batch 32 gives 11-17 steps per epoch (batch 128 gave 3-5, too few
     # for the BN running statistics to follow the quantizers in a short fine-tune).
@@ -286,29 +287,71 @@ def quantize_for_method(fp_model: nn.Module, method: str, bits: int, cfg: dict[s
 class SigmaScaling(Callback):
     """ClimbQ's class distribution scaling (§1.2): per-sample sigma from the batch labels before each forward.
 
-    Records the largest ``|sigma - 2|`` seen (spec §6 (b): below 0.05 for B = 128).
+    Records the largest ``|sigma - 2|`` seen (spec §6 (b): below 0.05 for B = 128), and with ``batch_size``
+    also the largest over full batches only (``max_deviation_full``; an epoch's last, partial batch excluded).
     """
 
-    def __init__(self, num_classes: int, mode: str = "batch_freq", counts: Sequence[int] | None = None) -> None:
-        self.num_classes, self.mode, self.counts = num_classes, mode, counts
+    def __init__(self, num_classes: int, mode: str = "batch_freq", counts: Sequence[int] | None = None,
+                 batch_size: int | None = None) -> None:
+        self.num_classes, self.mode, self.counts, self.batch_size = num_classes, mode, counts, batch_size
         self._max_dev: Tensor | None = None
+        self._max_dev_full: Tensor | None = None
 
     def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
         s = batch_sigma(y, self.num_classes, self.mode, counts=self.counts)
         set_sigma(model, s)
         dev = (s - 2).abs().max()
         self._max_dev = dev if self._max_dev is None else torch.maximum(self._max_dev, dev)
+        if self.batch_size is not None and y.numel() == self.batch_size:
+            self._max_dev_full = dev if self._max_dev_full is None else torch.maximum(self._max_dev_full, dev)
 
     @property
     def max_deviation(self) -> float:
         return float("nan") if self._max_dev is None else float(self._max_dev)
 
+    @property
+    def max_deviation_full(self) -> float:
+        """The largest ``|sigma - 2|`` over batches of exactly ``batch_size`` samples (NaN: none seen)."""
+        return float("nan") if self._max_dev_full is None else float(self._max_dev_full)
+
+
+def sigma_deviation(labels: Sequence[int] | np.ndarray | Tensor, num_classes: int, batch_size: int = 128,
+                    epochs: int = 10, seed: int = 0, mode: str = "batch_freq",
+                    counts: Sequence[int] | None = None) -> dict[str, Any]:
+    """The class distribution scaling's largest ``|sigma - 2|`` on ``labels`` at ``batch_size`` (spec §6 (b)).
+
+    sigma depends on the batch labels only, so the spec's "B = 128" statement can be checked on any label set
+    without training: ``epochs`` seeded shuffles of ``labels`` cut into batches of ``batch_size`` (the last one
+    partial, as a DataLoader without ``drop_last``), :func:`paperlib.climbq.batch_sigma` per batch. Returns
+    ``max_full`` (full batches; None when there are fewer than ``batch_size`` labels), ``max_all`` (the partial
+    batch included), ``last_batch`` (its size; 0 when ``batch_size`` divides the count) and the settings.
+    """
+    y = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels), dtype=torch.int64)
+    if y.ndim != 1 or y.numel() == 0:
+        raise ValueError("labels must be a non-empty 1-D sequence of class ids")
+    if batch_size < 1 or epochs < 1:
+        raise ValueError(f"batch_size={batch_size} and epochs={epochs} must be >= 1")
+    rng = np.random.default_rng(seed)
+    full, every = [], []
+    for _ in range(epochs):
+        order = torch.as_tensor(rng.permutation(y.numel()))
+        for start in range(0, y.numel(), batch_size):
+            yb = y[order[start:start + batch_size]]
+            dev = float((batch_sigma(yb, num_classes, mode, counts=counts) - 2).abs().max())
+            every.append(dev)
+            if yb.numel() == batch_size:
+                full.append(dev)
+    return {"batch_size": int(batch_size), "epochs": int(epochs), "n": int(y.numel()),
+            "max_full": max(full) if full else None, "max_all": max(every),
+            "last_batch": int(y.numel() % batch_size)}
+
 
 class HomoVarCriterion(Callback):
     """Criterion and callback: ``HomoVarLoss(counts)(fc(f), y, f)`` with ``f = forward_features(x)`` computed once.
 
-    Per epoch it adds ``homovar_fraction_out`` (mean over steps of the fraction of classes out of bounds) and
-    ``homovar_W`` to the history; ``last_epoch`` holds the per-class means (NaN-aware) over the last epoch's
+    Per epoch it adds ``homovar_fraction_out`` (mean over steps of the fraction of classes out of bounds),
+    ``homovar_steps_all_in`` (the share of steps with no class out of bounds) and ``homovar_W`` to the history;
+    ``last_epoch`` holds the per-class means (NaN-aware) over the last epoch's
     steps of n_lb, n_ub, beta and the class weights. Sums stay on the device until the epoch ends.
     """
 
@@ -337,8 +380,9 @@ class HomoVarCriterion(Callback):
         feats = model.forward_features(x)
         loss = self.loss(model.fc(feats), y, feats)
         step = self.loss.last
-        for key, v in (("fraction_out", step.fraction_out), ("W", step.W), ("n_lb", step.n_lb),
-                       ("n_ub", step.n_ub), ("beta", step.beta), ("weights", step.weights)):
+        for key, v in (("fraction_out", step.fraction_out), ("all_in", (step.fraction_out == 0).double()),
+                       ("W", step.W), ("n_lb", step.n_lb), ("n_ub", step.n_ub), ("beta", step.beta),
+                       ("weights", step.weights)):
             self._add(key, v)
         self._steps += 1
         return loss
@@ -346,6 +390,7 @@ class HomoVarCriterion(Callback):
     def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
         mean = {k: (self._sums[k] / self._counts[k]).cpu() for k in self._sums}  # 0/0 -> NaN: never defined
         stats["homovar_fraction_out"] = float(mean["fraction_out"])
+        stats["homovar_steps_all_in"] = float(mean["all_in"])
         stats["homovar_W"] = float(mean["W"])
         self.last_epoch = {k: [float(v) for v in mean[k].reshape(-1)] for k in ("n_lb", "n_ub", "beta", "weights")}
         self.last_epoch["fraction_out"] = [float(mean["fraction_out"])]
@@ -407,7 +452,7 @@ def finetune(fp_model: nn.Module, method: str, bits: int, splits: LongTailSplits
     sigma = None
     criterion = None
     if method in (CLIMBQ_CE, CLIMBQ_HV):
-        sigma = SigmaScaling(k, cfg["sigma_mode"], counts=splits.counts)
+        sigma = SigmaScaling(k, cfg["sigma_mode"], counts=splits.counts, batch_size=cfg["batch_size"])
         callbacks.append(sigma)
     hv = None
     if method == CLIMBQ_HV:
@@ -422,6 +467,7 @@ def finetune(fp_model: nn.Module, method: str, bits: int, splits: LongTailSplits
     report = evaluate(q, splits.test, device=device)
     out = {**_report_row(report, cfg["tail_classes"]), "best_epoch": best_epoch, "history": res.history,
            "sigma_max_dev": None if sigma is None else sigma.max_deviation,
+           "sigma_max_dev_full": None if sigma is None else sigma.max_deviation_full,
            "homovar": None if hv is None else hv.last_epoch}
     return q, out
 
@@ -506,6 +552,8 @@ def _run_climbq(cfg: dict[str, Any], dev: torch.device, data_dir: str, runs_root
     models: list[dict[str, Any]] = []
     split_info: dict[str, Any] = {}
     sigma_dev: list[float] = []
+    sigma_dev_full: list[float] = []
+    sigma_check: dict[str, Any] = {}
     for gamma in cfg["gammas"]:
         splits = make_long_tail_splits(train, test, gamma, mode=cfg["lt_mode"], min_count=cfg["lt_min_count"],
                                        selection=cfg["selection"], val_fraction=cfg["val_fraction"],
@@ -514,6 +562,8 @@ def _run_climbq(cfg: dict[str, Any], dev: torch.device, data_dir: str, runs_root
         split_info[g] = {"counts": splits.counts, "order": splits.order, "classes": splits.classes,
                          "n_train": len(splits.train), "n_val": 0 if splits.val is None else len(splits.val),
                          "n_test": len(splits.test), "test_counts": splits.test.class_counts()}
+        sigma_check[g] = sigma_deviation(splits.train.y, splits.train.num_classes, cfg["sigma_check_batch"],
+                                         cfg["sigma_check_epochs"], mode=cfg["sigma_mode"], counts=splits.counts)
         kw = model_kwargs(cfg, splits.train.num_classes, splits.train.x.shape[1])
         for seed in cfg["seeds"]:
             fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], momentum=cfg["momentum"],
@@ -538,9 +588,11 @@ def _run_climbq(cfg: dict[str, Any], dev: torch.device, data_dir: str, runs_root
                     q, out = finetune(fp_model, method, bits, splits, cfg, seed, dev, progress)
                     history[f"{g}/W{bits}A{bits}/{method}/{seed}"] = out.pop("history")
                     hv = out.pop("homovar")
-                    sd = out.pop("sigma_max_dev")
+                    sd, sdf = out.pop("sigma_max_dev"), out.pop("sigma_max_dev_full")
                     if sd is not None:
                         sigma_dev.append(sd)
+                    if sdf is not None and not math.isnan(sdf):
+                        sigma_dev_full.append(sdf)
                     if hv:
                         homovar.append({**base, "bits": bits, "counts": splits.counts, **hv})
                     rows.append({**base, "bits": bits, "method": method, **out})
@@ -566,6 +618,8 @@ def _run_climbq(cfg: dict[str, Any], dev: torch.device, data_dir: str, runs_root
         "homovar": homovar,
         "history": history,
         "sigma_max_deviation": max(sigma_dev) if sigma_dev else None,
+        "sigma_max_deviation_full": max(sigma_dev_full) if sigma_dev_full else None,
+        "sigma_check": sigma_check,
         "models": {"dir": MODELS_DIR, "entries": models, "total_bytes": sum(m["bytes"] for m in models)},
         "paper_numbers": None,
         "paper_numbers_note": PAPER_NUMBERS_NOTE,
@@ -621,6 +675,218 @@ def paired_differences(metrics: dict[str, Any], a: str, b: str, col: str = "bala
     out = d.groupby(["gamma", "bits"], sort=False)["diff"].agg(["mean", "count", lambda x: int((x > 0).sum())])
     out.columns = ["mean_diff", "seeds", "wins"]
     return out.reset_index()
+
+
+# --------------------------------------------------------------------------------------------- spec §6 checks
+
+# Spec climbq.md §6: the spec author's own sanity run (10-class synthetic Gaussian data, 3-layer BN-MLP, W4A4,
+# gamma = 50, 8 seeds). NOT from the paper, whose tables could not be found (§0): shown only as a reference.
+SPEC_SANITY_RUN = {
+    "setting": "spec §6 sanity run (synthetic Gaussian data, BN-MLP, W4A4, γ=50, 8 seeds; not the paper)",
+    "accuracy": {FP32: 82.2, UNIFORM: 81.6, CLIMBQ_CE: 81.1, CLIMBQ_HV: 84.2},
+    "tail_accuracy": {FP32: 63.4, UNIFORM: 61.1, CLIMBQ_CE: 59.7, CLIMBQ_HV: 69.2},
+    "levene_W": {FP32: 21.0, UNIFORM: 14.3, CLIMBQ_CE: 13.5, CLIMBQ_HV: 11.3},
+    "out_of_bounds": {50: 0.08, 200: 0.46},
+}
+CHECK_COLUMNS = ["claim", "expected", "measured", "held", "reference"]
+
+
+def _paired(df: pd.DataFrame, a: str, b: str, col: str) -> np.ndarray:
+    """``a - b`` in ``col`` per seed (rows of ``df`` are one method and seed each), seeds present in both."""
+    pa = df[df["method"] == a].set_index("seed")[col]
+    pb = df[df["method"] == b].set_index("seed")[col]
+    return (pa - pb).dropna().to_numpy(dtype=float)
+
+
+def _paired_text(d: np.ndarray, scale: float, unit: str, direction: str, digits: int = 1) -> str:
+    from .stats import mean_ci
+
+    mean, half = mean_ci(d)
+    wins = int((d > 0).sum()) if direction == "higher" else int((d < 0).sum())
+    ci = "" if math.isnan(half) else (f" (95 % CI {scale * (mean - half):+.{digits}f} to "
+                                      f"{scale * (mean + half):+.{digits}f})")
+    return f"Δ = {scale * mean:+.{digits}f}{unit}{ci}, {direction} in {wins} of {d.size} seeds"
+
+
+def _moves(d: np.ndarray, direction: str) -> bool | None:
+    """The paired rule: the mean difference has the expected sign and more than half of the seeds agree."""
+    if d.size == 0:
+        return None
+    sign = 1 if direction == "higher" else -1
+    return bool(sign * d.mean() > 0 and int((sign * d > 0).sum()) > d.size / 2)
+
+
+def _row(claim: str, expected: str, measured: str, held: bool | None, reference: str = "") -> dict[str, Any]:
+    return {"claim": claim, "expected": expected, "measured": measured, "held": held, "reference": reference}
+
+
+def _check_sigma(metrics: dict[str, Any], bound: float) -> dict[str, Any]:
+    claim = "(b) σ = 2 − p̃ stays near 2 in every training batch"
+    ref = "spec §1.2: ≈1.987 (head) to ≈1.999 (tail) on CIFAR-10-LT γ=10, B=128; §6: assert max|σ−2| < 0.05"
+    cfg = metrics.get("config", {})
+    mode = cfg.get("sigma_mode", "batch_freq")
+    train_b = cfg.get("batch_size")
+    train_txt = ""
+    if metrics.get("sigma_max_deviation") is not None:
+        full = metrics.get("sigma_max_deviation_full")
+        full_txt = "" if full is None else f"{full:.3f} over full batches, "
+        train_txt = (f"; in training (B={train_b}): {full_txt}{metrics['sigma_max_deviation']:.3f} with each "
+                     "epoch's last, partial batch")
+    mode_txt = "" if mode == "batch_freq" else f" (sigma_mode={mode!r}, not the original's)"
+    sc = metrics.get("sigma_check") or {}
+    fulls = {g: v["max_full"] for g, v in sc.items() if v.get("max_full") is not None}
+    if fulls:
+        b = next(iter(sc.values()))["batch_size"]
+        worst = max(fulls.values())
+        per_g = ", ".join(f"γ={g}: {v:.3f}" for g, v in fulls.items())
+        measured = (f"max|σ−2| over full batches of B={b} of this run's long-tailed training labels "
+                    f"({next(iter(sc.values()))['epochs']} shuffled epochs): {per_g}{train_txt}{mode_txt}")
+        spec_b = "" if b == 128 else " (the spec's: B=128)"
+        return _row(claim, f"max|σ−2| < {bound} for B={b}{spec_b}", measured, bool(worst < bound), ref)
+    if train_b == 128 and metrics.get("sigma_max_deviation") is not None:  # an older run without sigma_check
+        v = metrics.get("sigma_max_deviation_full") or metrics["sigma_max_deviation"]
+        return _row(claim, f"max|σ−2| < {bound} for B=128", f"{v:.3f}{train_txt}{mode_txt}", bool(v < bound), ref)
+    return _row(claim, f"max|σ−2| < {bound} for B=128", "not recorded at B=128 in this run" + train_txt, None, ref)
+
+
+def _check_homovar_accuracy(metrics: dict[str, Any], bits: int) -> list[dict[str, Any]]:
+    tail = metrics.get("config", {}).get("tail_classes", 3)
+    per = pd.DataFrame(metrics.get("per_seed", []))
+    rows = []
+    for col, what, key in (("balanced_accuracy", "balanced accuracy", "accuracy"),
+                           ("tail_accuracy", f"tail-{tail} accuracy", "tail_accuracy")):
+        sane = SPEC_SANITY_RUN[key]
+        ref = (f"{SPEC_SANITY_RUN['setting']}: {sane[CLIMBQ_HV]} vs {sane[CLIMBQ_CE]} %"
+               + (" (overall accuracy)" if key == "accuracy" else ""))
+        expected = "higher with HomoVar: mean paired Δ > 0 and higher in most seeds"
+        for gamma in metrics.get("gammas", []):
+            claim = f"(c) HomoVar raises {what} vs ClimbQ+CE at W{bits}A{bits}, γ={_gkey(gamma)}"
+            sel = per[(per["gamma"] == gamma) & (per["bits"] == bits)] if len(per) else per
+            d = _paired(sel, CLIMBQ_HV, CLIMBQ_CE, col) if len(sel) else np.array([])
+            if d.size == 0:
+                rows.append(_row(claim, expected, f"not run (needs {CLIMBQ_HV} and {CLIMBQ_CE} at W{bits}A{bits})",
+                                 None, ref))
+                continue
+            means = sel.groupby("method")[col].mean()
+            measured = (_paired_text(d, 100, " points", "higher")
+                        + f"; means {100 * means[CLIMBQ_HV]:.1f} vs {100 * means[CLIMBQ_CE]:.1f} %")
+            rows.append(_row(claim, expected, measured, _moves(d, "higher"), ref))
+    return rows
+
+
+def _check_levene_w(levene: dict[str, Any] | None, baselines: Sequence[str]) -> list[dict[str, Any]]:
+    sane = SPEC_SANITY_RUN["levene_W"]
+    expected = "lower W with ClimbQ+HomoVar: mean paired Δ < 0 and lower in most seeds"
+    if levene is None:
+        return [_row("(d) Levene W of the quantized penultimate features falls with ClimbQ+HomoVar", expected,
+                     "checked in levene.ipynb (it needs the stored models' features)", None,
+                     f"{SPEC_SANITY_RUN['setting']}: W {sane[CLIMBQ_HV]} vs {sane[CLIMBQ_CE]} (ClimbQ+CE), "
+                     f"{sane[UNIFORM]} (uniform+CE)")]
+    t = pd.DataFrame(levene["tests"])
+    pen = t[t["layer"] == PENULTIMATE]
+    bits = levene.get("bits", 4)
+    rows = []
+    for base in baselines:
+        ref = f"{SPEC_SANITY_RUN['setting']}: W {sane[CLIMBQ_HV]} vs {sane[base]}"
+        for gamma in levene["gammas"]:
+            claim = (f"(d) Levene W (W{bits}A{bits} penultimate features) falls with ClimbQ+HomoVar vs {base}, "
+                     f"γ={_gkey(gamma)}")
+            sel = pen[pen["gamma"] == gamma]
+            d = _paired(sel, CLIMBQ_HV, base, "W")
+            if d.size == 0:
+                rows.append(_row(claim, expected, f"not run (needs {CLIMBQ_HV} and {base})", None, ref))
+                continue
+            means = sel.groupby("method")["W"].mean()
+            measured = (_paired_text(d, 1, "", "lower", digits=2)
+                        + f"; means {means[CLIMBQ_HV]:.2f} vs {means[base]:.2f}")
+            rows.append(_row(claim, expected, measured, _moves(d, "lower"), ref))
+    return rows
+
+
+def _check_out_of_bounds(metrics: dict[str, Any], levene: dict[str, Any] | None, bits: int,
+                         mild_gamma: float, usually: float) -> list[dict[str, Any]]:
+    sane = SPEC_SANITY_RUN["out_of_bounds"]
+    ref = (f"{SPEC_SANITY_RUN['setting']}: {100 * sane[50]:.0f} % of classes out at γ=50, "
+           f"{100 * sane[200]:.0f} % at γ=200")
+    expected = f"no class out of bounds in ≥ {100 * usually:.0f} % of the training steps"
+    per_gamma: dict[str, dict[str, float]] = {}
+    for key, hist in metrics.get("history", {}).items():
+        g, wa, method, _seed = key.split("/")
+        if method != CLIMBQ_HV or wa != f"W{bits}A{bits}":
+            continue
+        acc = per_gamma.setdefault(g, {"frac": [], "all_in": []})
+        acc["frac"] += [e["homovar_fraction_out"] for e in hist if "homovar_fraction_out" in e]
+        acc["all_in"] += [e["homovar_steps_all_in"] for e in hist if "homovar_steps_all_in" in e]
+    trend = ", ".join(f"γ={g}: {100 * float(np.mean(v['frac'])):.1f} %" for g, v in per_gamma.items() if v["frac"])
+    post_hoc: dict[str, float] = {}
+    if levene is not None:
+        pc = pd.DataFrame(levene.get("per_class", []))
+        if len(pc):
+            sel = pc[pc["method"] == CLIMBQ_HV]
+            post_hoc = {_gkey(g): float(v) for g, v in sel.groupby("gamma", sort=False)["out_fraction"].mean().items()}
+    rows = []
+    mild = [g for g in metrics.get("gammas", []) if g <= mild_gamma]
+    if not mild:
+        return [_row(f"(e) at mild γ (≤ {_gkey(mild_gamma)}) the fraction of classes out of HomoVar's bounds is "
+                     "usually 0", expected, f"no γ ≤ {_gkey(mild_gamma)} in this run", None, ref)]
+    for gamma in mild:
+        g = _gkey(gamma)
+        claim = f"(e) at mild γ the fraction of classes out of HomoVar's bounds per step is usually 0, γ={g}"
+        acc = per_gamma.get(g)
+        if not acc or not acc["all_in"]:
+            what = "not recorded in this run" if acc else f"not run (needs {CLIMBQ_HV} at W{bits}A{bits})"
+            rows.append(_row(claim, expected, what, None, ref))
+            continue
+        share = float(np.mean(acc["all_in"]))
+        measured = (f"no class out in {100 * share:.0f} % of the steps (W{bits}A{bits} {CLIMBQ_HV}, all epochs and "
+                    f"seeds); mean fraction out per step {trend}")
+        if g in post_hoc:
+            measured += (f"; on the final models' training batches (levene.ipynb) {100 * post_hoc[g]:.1f} % of "
+                         "classes out per batch")
+        rows.append(_row(claim, expected, measured, bool(share >= usually), ref))
+    return rows
+
+
+def check_expectations(metrics: dict[str, Any], levene: dict[str, Any] | None = None, *, bits: int = 4,
+                       sigma_bound: float = 0.05, mild_gamma: float = 10, usually: float = 0.5,
+                       levene_baselines: Sequence[str] = (CLIMBQ_CE, UNIFORM)) -> pd.DataFrame:
+    """What held, what did not: spec climbq.md §6 (b)-(e), computed from the metrics (a pure function).
+
+    ``metrics`` is the ClimbQ notebook's metrics dict, ``levene`` the Levene notebook's (claim (d) needs it;
+    without it (d) is one row marked "checked in levene.ipynb"). One row per claim and gamma; columns
+    ``claim``, ``expected`` (the rule), ``measured``, ``held`` (True / False / None = not checkable from these
+    metrics) and ``reference`` (the spec's numbers: its §1.2 statement and the spec author's synthetic sanity
+    run, :data:`SPEC_SANITY_RUN`; the paper's numbers could not be found). The rules:
+
+    - (b) the largest ``|sigma - 2|`` over full batches of ``sigma_check_batch`` (128, the spec's B) of the run's
+      long-tailed training labels is below ``sigma_bound``; the training-time values at the preset's batch size
+      are reported beside it;
+    - (c) HomoVar vs cross entropy, both with ClimbQ's quantizers, at W{bits}A{bits}: balanced and tail accuracy
+      "rise" when the mean paired-seed difference is > 0 **and** more than half of the seeds are higher;
+    - (d) Levene's W of the W{bits}A{bits} penultimate features "falls" with ClimbQ+HomoVar vs each of
+      ``levene_baselines``, by the same paired rule with the sign reversed;
+    - (e) at every gamma <= ``mild_gamma``, no class is out of HomoVar's bounds in at least ``usually`` of the
+      training steps (W{bits}A{bits} HomoVar runs, all epochs and seeds).
+    """
+    if not 0 < usually <= 1:
+        raise ValueError(f"usually={usually} must be in (0, 1]: the share of steps with no class out of bounds")
+    if not sigma_bound > 0:
+        raise ValueError(f"sigma_bound={sigma_bound} must be > 0")
+    rows = [_check_sigma(metrics, sigma_bound), *_check_homovar_accuracy(metrics, bits),
+            *_check_levene_w(levene, levene_baselines),
+            *_check_out_of_bounds(metrics, levene, bits, mild_gamma, usually)]
+    return pd.DataFrame(rows, columns=CHECK_COLUMNS)
+
+
+def checks_summary(checks: pd.DataFrame) -> str:
+    """One sentence from a :func:`check_expectations` table: how many held, did not hold, were not checked."""
+    held = checks["held"].map(lambda v: "held" if v is True else "failed" if v is False else "unchecked")
+    n = held.value_counts()
+    failed = [c.split(" ", 1)[0] for c, h in zip(checks["claim"], held, strict=True) if h == "failed"]
+    text = (f"{n.get('held', 0)} of {len(checks)} checks held, {n.get('failed', 0)} did not"
+            + (f" (claims {', '.join(dict.fromkeys(failed))})" if failed else "")
+            + (f", {n['unchecked']} could not be checked from these metrics" if n.get("unchecked") else ""))
+    return text + "."
 
 
 # --------------------------------------------------------------------------------------------- stored models

@@ -2,6 +2,7 @@
 
 import math
 
+import nbformat
 import pandas as pd
 import pytest
 
@@ -37,6 +38,12 @@ def test_levene_smoke_trains_its_models_when_no_climbq_run_exists(run_dirs, tmp_
     assert {d["method"] for d in m["dispersion"]} == set(METHODS)
     assert res.key_value == pytest.approx(
         pen[(pen["method"] == CLIMBQ_HV) & (pen["gamma"] == 100)]["W"].iloc[0])
+    # the final "what held" table: (b), (c), (e) from the models' climbq metrics, (d) per gamma and baseline
+    executed = nbformat.read(res.run_dir / "levene.ipynb", 4)
+    shown = [o.get("data", {}).get("text/markdown", "") for c in executed.cells if c.cell_type == "code"
+             for o in c.get("outputs", [])]
+    assert any(t.startswith("**Table 4.** Spec §6 claims (b)-(e)") and "of 10 checks held" in t for t in shown)
+    assert sum(t.startswith("**Figure ") for t in shown) == 3 and sum(t.startswith("**Table ") for t in shown) == 4
     published = {p.name: p.read_bytes() for p in figs.iterdir()}
     assert set(published) == {f"{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")}
     again = tmp_path / "again"
