@@ -57,18 +57,123 @@ def _normal_cdf(x: Tensor, loc: Tensor | float, scale: Tensor) -> Tensor:
     return 0.5 * (1 + torch.erf((x - loc) * scale.reciprocal() / math.sqrt(2)))
 
 
-def quantize_weight(w: Tensor, bits: int) -> Tensor:
+# Fused path (issue 9). The forward runs the reference's float ops in place on one buffer, so its values are
+# bit-identical: ``0.5 (1 + e) n`` is computed as ``(1 + e) (n/2)`` and ``(U/n) 2`` as ``U / (n/2)``, both exact
+# (scaling by a power of two; ``1 + e`` is 0 or >= 2^-24, never subnormal). The backward is analytic and saves
+# only the input (activations) or the standardised weight: the STE gradient of ``2 U(Phi(a)) - 1`` is
+# ``2 phi(a)``. Used for float32/float64 tensors; other dtypes take the reference (plain autograd) path.
+_SQRT2 = math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def _c(value: float, like: Tensor) -> Tensor:
+    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype: the same operand a Python scalar becomes in
+    an op on ``like`` (tested bit for bit), without the per-call scalar-to-tensor copy."""
+    key = (value, like.dtype)
+    c = _CONSTS.get(key)
+    if c is None:
+        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype)
+    return c
+
+
+def _levels_from_erf(t: Tensor, n: int) -> Tensor:
+    """In place on ``t = erf(a / sqrt 2)``: ``2 U_k(0.5 (1 + t)) - 1``, the reference's ops, bit-identical."""
+    half_n, one = _c(n / 2, t), _c(1.0, t)
+    return t.add_(one).mul_(half_n).round_().div_(half_n).sub_(one)
+
+
+class _ClimbQWeightFn(torch.autograd.Function):
+    """``2 U_k(Phi((w - mean w) / std w)) - 1`` with the exact gradient through mean and std (spec TV-W):
+    with ``a = (w - mu)/s`` and ``h = 2 phi(a) g``: ``dL/dw = (h - mean h - a <h, a>/(N - 1)) / s``.
+    ``a`` and ``1/s`` are internal tensors, kept on ``ctx`` (nothing else can modify them)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, n: int) -> Tensor:  # noqa: D102
+        rec = w.std().reciprocal()
+        a = torch.sub(w, w.mean()).mul_(rec)  # (w - loc) * scale.reciprocal(), as _normal_cdf
+        out = _levels_from_erf(torch.div(a, _c(_SQRT2, a)).erf_(), n)
+        ctx.a, ctx.rec = a, rec
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        _no_double_backward()
+        a, rec = ctx.a, ctx.rec
+        h = torch.square(a).mul_(_c(-0.5, a)).exp_().mul_(grad)  # sqrt(2 pi) phi(a) g
+        dot = torch.dot(h.reshape(-1), a.reshape(-1))
+        gw = torch.sub(h, h.mean()).addcmul_(a, dot, value=-1 / (a.numel() - 1))
+        return gw.mul_(rec.mul(_c(2 * _INV_SQRT_2PI, rec))), None
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError("the fused ClimbQ quantizers are differentiable once; for a double backward "
+                           "(create_graph=True) build them with fused=False")
+
+
+class _ClimbQActFn(torch.autograd.Function):
+    """``R (2 U_k(Phi(x rec)) - 1)`` (``rec = 1/sigma``, a constant); backward ``2 R phi(x rec) rec g``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rec: Tensor, n: int, act_range: float) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, rec)
+        ctx.act_range = act_range
+        return _act_forward(x, rec, n, act_range)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        _no_double_backward()
+        x, rec = ctx.saved_tensors
+        expo, coef = _act_grad_coefs(rec, ctx.act_range)
+        return torch.square(x).mul_(expo).exp_().mul_(grad).mul_(coef), None, None, None
+
+
+def _act_forward(x: Tensor, rec: Tensor, n: int, act_range: float) -> Tensor:
+    t = torch.mul(x, rec).div_(_c(_SQRT2, x)).erf_()  # x - 0.0 == x exactly
+    if math.frexp(act_range)[0] == 0.5 and 2.0**-30 <= act_range <= 2.0**30:  # R = 2^e: exact scalings
+        half_n, r = _c(n / 2, t), _c(act_range, t)
+        return t.add_(_c(1.0, t)).mul_(half_n).round_().div_(_c(n / (2 * act_range), t)).sub_(r)
+    out = _levels_from_erf(t, n)
+    return out if act_range == 1.0 else out.mul_(_c(act_range, out))
+
+
+_COEF_CACHE: list[tuple[Tensor, float, Tensor, Tensor]] = []
+
+
+def _act_grad_coefs(rec: Tensor, act_range: float) -> tuple[Tensor, Tensor]:
+    """``-rec^2 / 2`` and ``2 R rec / sqrt(2 pi)`` (the backward's per-sample factors), cached per ``rec``."""
+    if _COEF_CACHE and _COEF_CACHE[0][0] is rec and _COEF_CACHE[0][1] == act_range:
+        return _COEF_CACHE[0][2], _COEF_CACHE[0][3]
+    expo = rec.square().mul_(_c(-0.5, rec))
+    coef = rec.mul(_c(2 * act_range * _INV_SQRT_2PI, rec))
+    _COEF_CACHE[:] = [(rec, act_range, expo, coef)]
+    return expo, coef
+
+
+def quantize_weight(w: Tensor, bits: int, *, fused: bool = True) -> Tensor:
     """ClimbQ weight quantizer (§1.1, ``weight_quantize_fn``): ``2 U_k(Phi((w - mean w) / std w)) - 1``.
 
     One mean and unbiased std over the whole tensor, kept in the autograd graph, so the gradient is
     ``2 phi(.)/s`` plus the terms through ``mu`` and ``s``; the rounding is straight-through. Levels are
     ``2i/n - 1`` in [-1, 1] with no zero level and no scale. ``bits=32`` returns ``w`` unchanged.
+
+    ``fused=True`` (default) computes float32/float64 tensors in place with an analytic backward: the same
+    values bit for bit and the same gradient (to rounding) as ``fused=False``, the plain autograd graph.
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
         return w
     if w.numel() < 2:
         raise ValueError(f"quantize_weight needs at least 2 weights for the std, got shape {tuple(w.shape)}")
+    n = 2**bits - 1
+    if fused and w.dtype in _FUSED_DTYPES:
+        if w.requires_grad and torch.is_grad_enabled():
+            return _ClimbQWeightFn.apply(w, n)
+        with torch.no_grad():
+            a = torch.sub(w, w.mean()).mul_(w.std().reciprocal())
+            return _levels_from_erf(a.div_(_c(_SQRT2, a)).erf_(), n)
     phi = _normal_cdf(w, w.mean(), w.std())
     return uniform_quantize(phi, bits) * 2 - 1
 
@@ -85,18 +190,49 @@ def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
     return s
 
 
-def quantize_activation(x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0) -> Tensor:
+# one entry: (sigma, its version, x's dtype/device/ndim/batch) -> 1/sigma shaped for x. Every quantizer of a
+# model gets the same sigma object from set_sigma, so the reciprocal is computed once per step, not per layer.
+_REC_CACHE: list[tuple[tuple, Tensor]] = []
+
+
+def _reciprocal(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """``_per_sample(sigma, x).reciprocal()``, cached for the last sigma seen (same values, fewer small ops)."""
+    key = (sigma if isinstance(sigma, Tensor) else float(sigma),
+           sigma._version if isinstance(sigma, Tensor) else 0, x.dtype, x.device, x.ndim,
+           x.shape[0] if x.ndim else 0)
+    if _REC_CACHE:
+        k, rec = _REC_CACHE[0]
+        same = k[0] is key[0] if isinstance(key[0], Tensor) else (type(k[0]) is float and k[0] == key[0])
+        if same and k[1:] == key[1:]:
+            return rec
+    rec = _per_sample(sigma, x).reciprocal()
+    _REC_CACHE[:] = [(key, rec)]
+    return rec
+
+
+def quantize_activation(
+    x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0, *, fused: bool = True
+) -> Tensor:
     """ClimbQ activation quantizer (§1.1, ``activation_quantize_fn``): ``R (2 U_k(Phi(x / sigma)) - 1)``.
 
     The projection mean is 0; ``sigma`` is a float or a per-sample tensor ([B] or broadcastable), treated as
     a constant (no gradient). Levels ``R (2i/n - 1)``, i = 0..n, no zero level, no clipping; the gradient is
     ``2 R phi(x/sigma) / sigma`` (straight-through rounding). ``bits=32`` returns ``x`` unchanged.
+
+    ``fused=True`` (default) computes float32/float64 tensors in place and saves only ``x`` for an analytic
+    backward: the same values bit for bit and the same gradient (to rounding) as ``fused=False``.
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
         return x
     if not isinstance(sigma, Tensor) and not sigma > 0:
         raise ValueError(f"sigma={sigma} must be > 0")
+    if fused and x.dtype in _FUSED_DTYPES:
+        rec, n = _reciprocal(sigma, x), 2**bits - 1
+        if x.requires_grad and torch.is_grad_enabled():
+            return _ClimbQActFn.apply(x, rec, n, float(act_range))
+        with torch.no_grad():
+            return _act_forward(x, rec, n, float(act_range))
     phi = _normal_cdf(x, 0.0, _per_sample(sigma, x))
     return (uniform_quantize(phi, bits) * 2 - 1) * act_range
 
@@ -104,11 +240,18 @@ def quantize_activation(x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_r
 # --------------------------------------------------------------------------------------------- §1.2 scaling
 
 
+def _label_range_error(labels: Tensor, num_classes: int) -> ValueError:
+    lo, hi = (int(v) for v in torch.aminmax(labels.long()))
+    return ValueError(f"labels must be in [0, {num_classes}), got [{lo}, {hi}]")
+
+
 def batch_sigma(
     labels: Tensor,
     num_classes: int,
     mode: SigmaMode = "batch_freq",
     counts: Sequence[float] | np.ndarray | Tensor | None = None,
+    *,
+    validate: bool = True,
 ) -> Tensor:
     """Per-sample projection sigma for a training batch (§1.2, ``main.py`` L181-187, quantizer L91-94).
 
@@ -116,6 +259,10 @@ def batch_sigma(
     ``p~ = p / sum_j p_j`` (``= b_{y_i} / sum_c b_c^2``), ``sigma_i = 2 - p~_i`` (within 1 % of 2 for
     B = 128). ``"none"``: sigma = 2 (the eval value; nearly equivalent, §5.1). ``"prior"`` is **not from the
     paper**: ``sigma_i = 2 - n_{y_i}/N`` from dataset ``counts``. Returns float32 [B] on the labels' device.
+
+    Labels outside ``[0, num_classes)`` raise. In ``"batch_freq"`` mode the check rides on the class count
+    (no extra reduction or host sync); ``validate=False`` skips it in the other modes too (labels the
+    loader already checked).
     """
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point:
         raise TypeError("labels must be a 1-D integer tensor of class ids")
@@ -123,14 +270,20 @@ def batch_sigma(
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if labels.numel() == 0:
         raise ValueError("labels is empty: batch_sigma needs at least one sample")
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}), "
-                         f"got [{int(labels.min())}, {int(labels.max())}]")
     y = labels.long()
     if mode == "batch_freq":
-        b = torch.bincount(y, minlength=num_classes).float()
-        p = b[y] / y.numel()
+        try:
+            b = torch.bincount(y, minlength=num_classes)
+        except RuntimeError as e:  # a negative label
+            raise _label_range_error(labels, num_classes) from e
+        if b.numel() != num_classes:  # a label >= num_classes made the count longer
+            raise _label_range_error(labels, num_classes)
+        p = b.float()[y] / y.numel()
         return 2 - p / p.sum()
+    if validate and mode in ("none", "prior"):
+        lo, hi = (int(v) for v in torch.aminmax(y))  # one reduction, one host sync
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), got [{lo}, {hi}]")
     if mode == "none":
         return torch.full(y.shape, 2.0, device=y.device)
     if mode == "prior":
@@ -146,17 +299,20 @@ def batch_sigma(
 
 
 class ClimbQWeight(nn.Module):
-    """Weight quantizer module around :func:`quantize_weight`; use with ``quantize_model(weight=...)``."""
+    """Weight quantizer module around :func:`quantize_weight`; use with ``quantize_model(weight=...)``.
 
-    def __init__(self, bits: int) -> None:
+    ``fused=False`` uses the plain autograd reference path (same values, slower)."""
+
+    def __init__(self, bits: int, *, fused: bool = True) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
+        self.fused = bool(fused)
 
     def forward(self, w: Tensor) -> Tensor:
-        return quantize_weight(w, self.bits)
+        return quantize_weight(w, self.bits, fused=self.fused)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + ("" if self.fused else ", fused=False")
 
 
 class ClimbQActivation(nn.Module):
@@ -165,15 +321,17 @@ class ClimbQActivation(nn.Module):
     In training mode it uses the per-sample sigma last given by :func:`set_sigma` (sigma = 2 if none was
     set, i.e. ``scaling="none"``); in eval mode it always uses ``eval_sigma`` (2, as in the CIFAR/SynDigits
     code; ``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet eval quirk ``p=[1]``, §1.2, §5.2).
+    ``fused=False`` uses the plain autograd reference path (same values, slower).
     """
 
-    def __init__(self, bits: int, act_range: float = 2.0, eval_sigma: float = 2.0) -> None:
+    def __init__(self, bits: int, act_range: float = 2.0, eval_sigma: float = 2.0, *, fused: bool = True) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
         if not act_range > 0 or not eval_sigma > 0:
             raise ValueError(f"act_range={act_range} and eval_sigma={eval_sigma} must be > 0")
         self.act_range = float(act_range)
         self.eval_sigma = float(eval_sigma)
+        self.fused = bool(fused)
         self.sigma: Tensor | float | None = None  # per-batch state set by set_sigma, not a parameter
 
     def forward(self, x: Tensor) -> Tensor:
@@ -181,10 +339,11 @@ class ClimbQActivation(nn.Module):
             sigma: Tensor | float = self.eval_sigma
         else:
             sigma = 2.0 if self.sigma is None else self.sigma
-        return quantize_activation(x, self.bits, sigma, self.act_range)
+        return quantize_activation(x, self.bits, sigma, self.act_range, fused=self.fused)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, act_range={self.act_range}, eval_sigma={self.eval_sigma}"
+        return (f"bits={self.bits}, act_range={self.act_range}, eval_sigma={self.eval_sigma}"
+                + ("" if self.fused else ", fused=False"))
 
 
 def set_sigma(model: nn.Module, sigma: Tensor | float | None) -> int:

@@ -18,6 +18,7 @@ when task ``t`` starts and ``λ = 100``. They differ in ``Ω``, computed once pe
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -258,13 +259,30 @@ def prox_penalty(
     old_params: Mapping[str, Tensor],
     importance: Mapping[str, Tensor],
     lam: float = DEFAULT_LAMBDA,
+    *,
+    fused: bool = True,
 ) -> Tensor:
     """ProxQ's proximal term ``λ · Σ_i F_i (θ_i - θ_i^old)²`` (spec §1.2, §1.4), differentiable in ``θ``.
 
     Sums over the model's parameters that have an entry in ``importance`` (parameters without one count as
     ``F = 0``); each needs a matching ``old_params`` entry (:func:`snapshot`). Recompute it every iteration.
+
+    ``fused=True`` (default): the parameters are concatenated into one flat buffer (``F`` and ``θ_old`` are
+    flattened once and cached, rebuilt when one of these tensors is replaced or modified in place), a few ops
+    give the value and an analytic backward ``2 λ F (θ - θ_old)``; parameters whose importance is all zero
+    are left out of the arithmetic (their gradient is a zero view, so ``.grad`` is defined as before). Same
+    value to float rounding (one sum instead of one per parameter) and the same gradients as
+    ``fused=False``, the per-parameter loop.
     """
     params = dict(model.named_parameters())
+    if fused and isinstance(lam, int | float) and not isinstance(lam, bool):
+        found = _prox_plan(params, old_params, importance)
+        if found is not None:
+            plan, ordered = found
+            if not ordered:
+                device = next(iter(params.values())).device if params else torch.device("cpu")
+                return torch.zeros((), device=device)
+            return _ProxFn.apply(float(lam), plan, *ordered)
     unknown = set(importance) - set(params)
     if unknown:
         raise ValueError(f"importance has entries {sorted(unknown)[:5]} that are not parameters of the model")
@@ -275,17 +293,108 @@ def prox_penalty(
         if n not in old_params:
             raise ValueError(f"old_params has no entry for parameter {n!r}; take it with snapshot(model)")
         f, old = importance[n], old_params[n]
-        if f.shape != p.shape or old.shape != p.shape:
-            raise ValueError(
-                f"parameter {n!r} has shape {tuple(p.shape)} but importance {tuple(f.shape)} and old_params "
-                f"{tuple(old.shape)}; they must come from the same architecture"
-            )
+        _check_prox_shapes(n, p, f, old)
         term = (f * (p - old).square()).sum()
         total = term if total is None else total + term
     if total is None:
         device = next(iter(params.values())).device if params else torch.device("cpu")
         return torch.zeros((), device=device)
     return lam * total
+
+
+def _check_prox_shapes(n: str, p: Tensor, f: Tensor, old: Tensor) -> None:
+    if f.shape != p.shape or old.shape != p.shape:
+        raise ValueError(
+            f"parameter {n!r} has shape {tuple(p.shape)} but importance {tuple(f.shape)} and old_params "
+            f"{tuple(old.shape)}; they must come from the same architecture"
+        )
+
+
+class _ProxPlan:
+    """How to evaluate the penalty for one (parameters, importance, old_params) set: ``order`` lists the entries
+    with some non-zero ``F`` first (``n_active`` of them; their ``F`` and ``θ_old`` flattened into one buffer
+    each), then the all-zero ones. ``key`` identifies every tensor and the version of ``F`` and ``θ_old``;
+    ``refs`` are weak references to them (a plan whose tensors died is dropped; a live tensor's id is unique)."""
+
+    def __init__(self, key: tuple, entries: list[tuple[str, Tensor, Tensor, Tensor]], nonzero: list[bool]) -> None:
+        self.key = key
+        self.refs = [weakref.ref(t) for _, p, f, old in entries for t in (p, f, old)]
+        self.order = [i for i, nz in enumerate(nonzero) if nz] + [i for i, nz in enumerate(nonzero) if not nz]
+        self.n_active = sum(nonzero)
+        active = [entries[i] for i in self.order[: self.n_active]]
+        self.shapes = [p.shape for _, p, _, _ in active]
+        self.sizes = [p.numel() for _, p, _, _ in active]
+        with torch.no_grad():
+            self.imp = torch.cat([f.reshape(-1) for _, _, f, _ in active]) if active else None
+            self.old = torch.cat([o.reshape(-1) for *_, o in active]) if active else None
+
+    def alive(self) -> bool:
+        return all(r() is not None for r in self.refs)
+
+
+_PROX_PLANS: list[_ProxPlan] = []  # most recent first; two entries (e.g. two models alternating)
+_PROX_PLANS_MAX = 2
+
+
+def _prox_plan(params: dict[str, Tensor], old_params: Mapping[str, Tensor],
+               importance: Mapping[str, Tensor]) -> tuple[_ProxPlan, list[Tensor]] | None:
+    """The cached plan for these tensors and the parameters in its order, the plan built (and checked like the
+    loop) on a miss; ``None`` when the fused path does not apply (gradients into ``F`` or ``θ_old``, mixed
+    dtypes or devices, or an error the loop reports)."""
+    entries = []
+    for n, p in params.items():
+        if n in importance:
+            entries.append((n, p, importance[n], old_params.get(n)))
+    if len(entries) != len(importance) or any(old is None for *_, old in entries):
+        return None  # the loop raises the error
+    key = tuple((id(p), tuple(p.shape), id(f), f._version, f.data_ptr(), id(old), old._version, old.data_ptr())
+                for _, p, f, old in entries)
+    plan = next((q for q in _PROX_PLANS if q.key == key and q.alive()), None)
+    if plan is None:
+        dtype, device = (entries[0][1].dtype, entries[0][1].device) if entries else (None, None)
+        for n, p, f, old in entries:
+            _check_prox_shapes(n, p, f, old)
+            grad_into_constants = (f.requires_grad or old.requires_grad) and torch.is_grad_enabled()
+            if grad_into_constants or not (dtype == p.dtype == f.dtype == old.dtype
+                                           and device == p.device == f.device == old.device):
+                return None
+        nonzero = torch.stack([f.ne(0).any() for _, _, f, _ in entries]).tolist() if entries else []
+        plan = _ProxPlan(key, entries, nonzero)
+        _PROX_PLANS[:] = [q for q in _PROX_PLANS if q.alive()]
+    if _PROX_PLANS[:1] != [plan]:
+        _PROX_PLANS[:] = [plan] + [q for q in _PROX_PLANS if q is not plan][: _PROX_PLANS_MAX - 1]
+    return plan, [entries[i][1] for i in plan.order]
+
+
+class _ProxFn(torch.autograd.Function):
+    """``λ Σ F (θ - θ_old)²`` over the plan's active parameters, on one flat buffer; gradient
+    ``2 λ F (θ - θ_old)`` as views of one buffer, and zero views for the all-zero-importance parameters (so
+    their ``.grad`` is defined, as with the loop)."""
+
+    @staticmethod
+    def forward(ctx, lam: float, plan: _ProxPlan, *params: Tensor) -> Tensor:  # noqa: D102
+        ctx.lam, ctx.plan = lam, plan
+        ctx.zero_meta = [(p.shape, p.dtype, p.device) for p in params[plan.n_active:]]
+        if not plan.n_active:
+            ctx.fd = None
+            return torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+        d = torch.cat([p.reshape(-1) for p in params[: plan.n_active]]).sub_(plan.old)
+        fd = torch.mul(d, plan.imp)
+        ctx.fd = fd
+        return d.mul_(fd).sum().mul_(lam)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # noqa: D102
+        if torch.is_grad_enabled():
+            raise RuntimeError("the fused ProxQ penalty is differentiable once; for a double backward "
+                               "(create_graph=True) use prox_penalty(..., fused=False)")
+        plan = ctx.plan
+        grads: list[Tensor] = []
+        if ctx.fd is not None:
+            g = torch.mul(ctx.fd, grad * (2 * ctx.lam))
+            grads = [v.view(shape) for v, shape in zip(g.split(plan.sizes), plan.shapes, strict=True)]
+        grads += [torch.zeros((), dtype=dt, device=dev).expand(shape) for shape, dt, dev in ctx.zero_meta]
+        return (None, None, *grads)
 
 
 def cdf_prox_penalty(

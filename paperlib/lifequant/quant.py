@@ -87,6 +87,88 @@ def clamp_inclusive(x: Tensor, low: float, high: float) -> Tensor:
     return torch.where(inside, x, x.detach().clamp(low, high))
 
 
+# Fused paths (issue 9) for the shipped quantizers, float32/float64: the forward runs the reference's float ops
+# in place on one buffer (bit-identical values), the backward is analytic and saves one tensor.
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
+# hardtanh_backward passes the gradient strictly inside (lo, hi); these bounds make that [0, 1] inclusive:
+# the largest float below 0 (the negative smallest subnormal) and the smallest float above 1.
+_INCLUSIVE_01 = {torch.float32: (-(2.0**-149), 1 + 2.0**-23), torch.float64: (-(2.0**-1074), 1 + 2.0**-52)}
+
+
+def _c(value: float, like: Tensor) -> Tensor:
+    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype (the operand a Python scalar becomes, without
+    the per-call scalar-to-tensor copy)."""
+    key = (value, like.dtype)
+    c = _CONSTS.get(key)
+    if c is None:
+        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype)
+    return c
+
+
+def _std_scale_merges(std: float) -> bool:
+    """``round(z std n)`` may be computed as ``round(z (std n))``: exact when ``std`` is a power of two (then
+    ``z std`` is an exact scaling, and where it would be subnormal the product rounds to 0 either way)."""
+    return math.frexp(std)[0] == 0.5
+
+
+class _StandardizeQkFn(torch.autograd.Function):
+    """``Q_k(std (w - mean w) / std(w))`` with the STE and the gradient through mean and std (TV1):
+    with ``z = (w - mu)/s``: ``dL/dw = (std / s) (g - mean g - z <g, z>/(N - 1))``. ``z`` and ``s`` are
+    internal tensors, kept on ``ctx``."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, n: int, std: float) -> Tensor:  # noqa: D102
+        s = w.std()
+        z = torch.sub(w, w.mean()).div_(s)
+        ctx.z, ctx.s, ctx.std = z, s, std
+        return _standardized_qk(z, n, std, out=None)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        _no_double_backward()
+        z, s = ctx.z, ctx.s
+        dot = torch.dot(grad.reshape(-1), z.reshape(-1))
+        gw = torch.sub(grad, grad.mean()).addcmul_(z, dot, value=-1 / (z.numel() - 1))
+        return gw.mul_(torch.div(_c(ctx.std, s), s)), None, None
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError("the fused LifeQuant quantizers are differentiable once; for a double backward "
+                           "(create_graph=True) build them with fused=False")
+
+
+def _standardized_qk(z: Tensor, n: int, std: float, out: Tensor | None) -> Tensor:
+    """``round(z std n) / n`` as the reference computes ``Q_k(z * std)``; in place on ``out`` if given."""
+    if _std_scale_merges(std):
+        t = torch.mul(z, _c(std * n, z)) if out is None else out.mul_(_c(std * n, out))
+    else:
+        t = (torch.mul(z, _c(std, z)) if out is None else out.mul_(_c(std, out))).mul_(_c(float(n), z))
+    return t.round_().div_(_c(float(n), t))
+
+
+class _ClampQkFn(torch.autograd.Function):
+    """``Q_k(clamp(x, 0, 1))``; backward: the gradient on the closed interval [0, 1], 0 outside (TV2)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n: int) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x)
+        return _clamp_qk(x, n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        _no_double_backward()
+        (x,) = ctx.saved_tensors
+        lo, hi = _INCLUSIVE_01[x.dtype]
+        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None
+
+
+def _clamp_qk(x: Tensor, n: int) -> Tensor:
+    nn_ = _c(float(n), x)
+    return torch.clamp(x, 0.0, 1.0).mul_(nn_).round_().div_(nn_)
+
+
 def _check_tensor(x: object, what: str, min_numel: int = 1) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -132,6 +214,7 @@ def quantize_weight(
     clip: bool = False,
     *,
     std: float = SHIPPED_WEIGHT_STD,
+    fused: bool = True,
 ) -> Tensor:
     """LifeQuant weight quantizer (spec §1.1, TV1); straight-through, identity at 32 bits.
 
@@ -139,6 +222,10 @@ def quantize_weight(
     variant), ``"cdf"`` (development build) or ``"alignq"``. ``clip=True`` clips the standardised weight to
     [-1, 1] before rounding (off by default: faithful, unbounded levels); the CDF and AlignQ spaces are
     already bounded, so ``clip`` does not change them.
+
+    ``fused=True`` (default) computes the shipped ``"standardize"`` quantizer (k >= 2, no clip) on
+    float32/float64 in place with an analytic backward: the same values bit for bit and the same gradient
+    (to rounding) as ``fused=False``, the plain autograd graph.
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     check_bits(bits)
@@ -151,6 +238,13 @@ def quantize_weight(
         if bits == 1:
             scale = w.abs().mean().detach()
             return quantize_k(w / scale, 1) * scale
+        if fused and not clip and w.dtype in _FUSED_DTYPES:
+            n = 2**bits - 1
+            if w.requires_grad and torch.is_grad_enabled():
+                return _StandardizeQkFn.apply(w, n, float(std))
+            with torch.no_grad():
+                z = torch.sub(w, w.mean()).div_(w.std())
+                return _standardized_qk(z, n, float(std), out=z)
         w_hat = standardize(w, std)
         if clip:
             w_hat = clamp_inclusive(w_hat, -1.0, 1.0)
@@ -163,7 +257,7 @@ def quantize_weight(
 
 
 def quantize_activation(
-    x: Tensor, bits: int, quantizer: ActQuantizer = "clamp", *, act_range: float = ACT_RANGE
+    x: Tensor, bits: int, quantizer: ActQuantizer = "clamp", *, act_range: float = ACT_RANGE, fused: bool = True
 ) -> Tensor:
     """LifeQuant activation quantizer (spec §1.1, TV2); straight-through, identity at 32 bits.
 
@@ -171,6 +265,10 @@ def quantize_activation(
     outside.
     ``"standardize"``: MobileNetV2-CIFAR, ``0.5 (x - mean) / std`` over the whole tensor first (also at eval).
     ``"cdf"``: ``Q_k(act_range (2 Φ(x) - 1))``; ``"alignq"``: ``act_range (2 Q_k(Φ(x)) - 1)``.
+
+    ``fused=True`` (default) computes ``"clamp"`` (k >= 2) on float32/float64 in place, saving only ``x``:
+    the same values bit for bit and the same gradient as ``fused=False`` (with the default floating-point
+    mode; under ``torch.set_flush_denormal(True)`` use ``fused=False``).
     """
     _check_name(quantizer, ACT_QUANTIZERS, "quantizer")
     check_bits(bits)
@@ -178,6 +276,11 @@ def quantize_activation(
     if bits == FULL_PRECISION:
         return x
     if quantizer == "clamp":
+        if fused and bits != 1 and x.dtype in _FUSED_DTYPES:
+            if x.requires_grad and torch.is_grad_enabled():
+                return _ClampQkFn.apply(x, 2**bits - 1)
+            with torch.no_grad():
+                return _clamp_qk(x, 2**bits - 1)
         return quantize_k(clamp_inclusive(x, 0.0, 1.0), bits)
     if quantizer == "standardize":
         return quantize_k(clamp_inclusive(standardize(x, 0.5), 0.0, 1.0), bits)
@@ -213,35 +316,41 @@ class LifeQuantWeight(nn.Module):
 
     def __init__(
         self, bits: int, quantizer: WeightQuantizer = "standardize", clip: bool = False,
-        std: float = SHIPPED_WEIGHT_STD,
+        std: float = SHIPPED_WEIGHT_STD, *, fused: bool = True,
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.quantizer = _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
         self.clip = bool(clip)
         self.std = std
+        self.fused = bool(fused)
 
     def forward(self, w: Tensor) -> Tensor:
-        return quantize_weight(w, self.bits, self.quantizer, self.clip, std=self.std)
+        return quantize_weight(w, self.bits, self.quantizer, self.clip, std=self.std, fused=self.fused)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, quantizer={self.quantizer!r}, clip={self.clip}, std={self.std}"
+        return (f"bits={self.bits}, quantizer={self.quantizer!r}, clip={self.clip}, std={self.std}"
+                + ("" if self.fused else ", fused=False"))
 
 
 class LifeQuantActivation(nn.Module):
     """Activation quantizer module around :func:`quantize_activation` (for ``ActSlot``s)."""
 
-    def __init__(self, bits: int, quantizer: ActQuantizer = "clamp", act_range: float = ACT_RANGE) -> None:
+    def __init__(
+        self, bits: int, quantizer: ActQuantizer = "clamp", act_range: float = ACT_RANGE, *, fused: bool = True
+    ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
         self.quantizer = _check_name(quantizer, ACT_QUANTIZERS, "quantizer")
         self.act_range = act_range
+        self.fused = bool(fused)
 
     def forward(self, x: Tensor) -> Tensor:
-        return quantize_activation(x, self.bits, self.quantizer, act_range=self.act_range)
+        return quantize_activation(x, self.bits, self.quantizer, act_range=self.act_range, fused=self.fused)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, quantizer={self.quantizer!r}, act_range={self.act_range}"
+        return (f"bits={self.bits}, quantizer={self.quantizer!r}, act_range={self.act_range}"
+                + ("" if self.fused else ", fused=False"))
 
 
 def quantize_lifequant(
@@ -255,6 +364,7 @@ def quantize_lifequant(
     act_quantizer: ActQuantizer | None = None,
     act_range: float = ACT_RANGE,
     skip: Iterable[str] | Literal["linear"] = "linear",
+    fused: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place the LifeQuant way (spec §1.1) and return it.
 
@@ -262,7 +372,7 @@ def quantize_lifequant(
     (the classifier) in full precision as the original does; pass layer names to choose otherwise. Every
     ``ActSlot`` gets the activation quantizer; ``act_quantizer=None`` picks the one paired with ``quantizer``
     in the original (``PAIRED_ACTIVATION``). Calling it again (32 -> 8 -> 4 bits) replaces the quantizers and
-    keeps the latent weights.
+    keeps the latent weights. ``fused=False`` builds quantizers on the plain autograd reference path.
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     act_q = PAIRED_ACTIVATION[quantizer] if act_quantizer is None else act_quantizer
@@ -277,7 +387,7 @@ def quantize_lifequant(
         skip = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return quantize_model(
         model,
-        weight=lambda layer: LifeQuantWeight(weight_bits, quantizer, clip, std),
-        activation=lambda: LifeQuantActivation(act_bits, act_q, act_range),
+        weight=lambda layer: LifeQuantWeight(weight_bits, quantizer, clip, std, fused=fused),
+        activation=lambda: LifeQuantActivation(act_bits, act_q, act_range, fused=fused),
         skip=list(skip),
     )
