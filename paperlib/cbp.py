@@ -7,6 +7,7 @@ Spec: ``shared/papers/cbp.md`` (cited as "spec §"). Read top to bottom:
    :class:`CBPWeight`, spec §1.3),
 3. the windowed sawtooth constraint ``cs(w; Q, g)`` with the subgradient of spec §1.4 as its autograd
    gradient (:func:`constraint`, :func:`windows`), and the constraint-failure score (:func:`cfs`, §1.8),
+   each with a readable bucketize/gather definition and a fast arithmetic twin that gives the same bits,
 4. the training controller :class:`CBP` (spec §1.5): per-weight multipliers λ, the event rule, the window
    schedule ``g``, the single lr drop, gradient clipping, weight clamping, checkpointable state,
 5. the paper's ImageNet hyper-parameters (:func:`paper_hparams`),
@@ -49,12 +50,21 @@ Options of spec §3, each labelled with its source (:class:`CBPConfig`):
 
 Weight decay, batch size and lr per architecture (§3 #3, #4, #12) are training-loop data:
 :func:`paper_hparams` returns the paper/code values.
+
+Speed (issue 9). A train step costs little more than the FP32 step: the projection and the constraint are
+computed with a few element-wise float ops (no bucketize, gathers or bool tensors, which cost 10-50 times an
+add on CPU), and :meth:`CBP.criterion` runs one fused pass over all constrained weights (:class:`_FusedStep`:
+every layer's projection and the penalty, scratch in reused buffers) instead of one small pass per layer. No
+host sync in the step (``L_sum`` accumulates on the device). Values and gradients are bit-identical to the
+readable definitions (``tests/test_fused_cbp.py``); ``CBP(..., fused=False)`` quantizes layer by layer and
+``CBPWeight.fast = False`` uses the bucketize projection.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -164,6 +174,88 @@ def _nearest(w: Tensor, q: Tensor) -> Tensor:
     return torch.where(m[cm] == w, m[cm], q[c])
 
 
+def _factor_constants(mode: str, dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, tuple[float, ...], float]:
+    """Medians ``M_i = (F_i + F_{i+1}) / 2`` (a ``(n - 1, 1)`` tensor), half steps ``(F_{i+1} - F_i) / 2``
+    and the centre ``(F_1 + F_n) / 2`` of the factor set ``F(mode)``: dyadic numbers, exact in every dtype."""
+    key = (mode, dtype, device)
+    hit = _FACTOR_CACHE.get(key)
+    if hit is None:
+        f = MODES[mode]
+        medians = torch.tensor([(a + b) / 2 for a, b in itertools.pairwise(f)], dtype=dtype, device=device)
+        hit = (medians.view(-1, 1), tuple((b - a) / 2 for a, b in itertools.pairwise(f)), (f[0] + f[-1]) / 2)
+        _FACTOR_CACHE[key] = hit
+    return hit
+
+
+_FACTOR_CACHE: dict[tuple[str, torch.dtype, torch.device], tuple[Tensor, tuple[float, ...], float]] = {}
+#: the fused step caches its per-element medians up to this many numbers (ImageNet 2-bit sets recompute them)
+_MEDIANS_CACHE_MAX = 1 << 24
+
+
+class _Workspace:
+    """Reusable scratch tensors of the fused step: fresh multi-megabyte temporaries every step cost page
+    faults (the allocator hands large blocks back to the OS) that were slower than the arithmetic itself."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+def _scratch(work: _Workspace | None, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+    return None if work is None else work(name, shape, like)
+
+
+def _project_factors(w: Tensor, s: Tensor, medians: Tensor, half_steps: tuple[float, ...], centre: float,
+                     m: Tensor | None = None, work: _Workspace | None = None) -> Tensor:
+    """Nearest level of ``Q = s·F`` by arithmetic alone (no bucketize/gather/bool tensors; a handful of
+    element-wise ops whatever the number of layers when ``s`` is per element):
+    ``w_q = s · (c + Σ_i h_i · sign(w - s·M_i))`` with ``h_i = (F_{i+1} - F_i) / 2``, ``c = (F_1 + F_n) / 2``.
+
+    Bit-identical to :func:`_nearest` on ``levels = F·s``: ``s·M_i`` is exactly the median
+    ``(q_i + q_{i+1}) / 2`` (F is dyadic, so ``F_i·s`` is exact and halving commutes with rounding), the sign
+    of ``w - m_i`` is exact, the bracket is a small dyadic sum (exact) equal to ``F_c`` (or ``M_i`` on a tie,
+    ``sign(0) = 0``: the tie rule of spec §1.3), and ``s·F_c`` is the level ``q_c`` itself. ``w`` is flat or
+    any shape; ``s`` a 0-dim scale or one per element of a flat ``w``; ``m``: the medians ``s·M`` if cached.
+    """
+    flat = w.reshape(1, -1)
+    if m is None:
+        m = medians * (s.reshape(1, -1) if s.dim() else s)  # (n - 1, 1) or (n - 1, N)
+    rows = len(half_steps)
+    signs = torch.sub(flat, m, out=_scratch(work, "signs", (rows, flat.shape[1]), w)).sign_()
+    h = half_steps[0]
+    if rows > 1 and centre == 0 and all(hj == h for hj in half_steps):  # equal steps: h · Σ signs (integers)
+        acc = signs[0] + signs[1]
+        for j in range(2, rows):
+            acc.add_(signs[j])
+        acc = acc.mul_(h)
+    else:
+        acc = signs[0] * h
+        for j in range(1, rows):
+            acc.add_(signs[j], alpha=half_steps[j])
+        if centre != 0:
+            acc.add_(centre)
+    return acc.mul_(s.reshape(-1) if s.dim() else s).view_as(w)
+
+
+class _ProjectFactorsSTE(torch.autograd.Function):
+    """:func:`_project_factors` forward, identity backward (as :class:`_ProjectSTE`)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, s: Tensor, medians: Tensor, half_steps: tuple[float, ...],  # noqa: D102
+                centre: float) -> Tensor:
+        return _project_factors(w, s, medians, half_steps, centre)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # noqa: D102
+        return grad, None, None, None, None
+
+
 class _ProjectSTE(torch.autograd.Function):
     """Forward: exactly the nearest level (``w + (w_q - w).detach()`` would be off by an ulp); backward:
     identity to ``w``, nothing to the levels."""
@@ -203,6 +295,10 @@ class CBPWeight(nn.Module):
         self.register_buffer("scale", s)
         self.register_buffer("factors", torch.tensor(MODES[mode], dtype=s.dtype, device=s.device),
                              persistent=False)
+        #: arithmetic projection (:func:`_project_factors`, bit-identical to :func:`project`); ``False``: the
+        #: bucketize reference path
+        self.fast = True
+        self._pre: tuple[Tensor, Tensor] | None = None  # (weight, its projection) during a fused CBP step
 
     @classmethod
     def factory(cls, mode: str) -> Callable[[nn.Module], CBPWeight]:
@@ -223,7 +319,14 @@ class CBPWeight(nn.Module):
         self.scale.copy_(s)
 
     def forward(self, w: Tensor) -> Tensor:
-        return _ProjectSTE.apply(w, self.levels().detach().to(w))
+        pre = getattr(self, "_pre", None)
+        if pre is not None and pre[0] is w:  # installed by CBP.criterion's fused step (one pass, all layers)
+            return pre[1]
+        if not self.fast:
+            return _ProjectSTE.apply(w, self.levels().detach().to(w))
+        s = self.scale.detach().to(w)
+        medians, half_steps, centre = _factor_constants(self.mode, w.dtype, w.device)
+        return _ProjectFactorsSTE.apply(w, s, medians, half_steps, centre)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, scale={float(self.scale):.4g}"
@@ -247,8 +350,9 @@ def windows(levels: Tensor, g: float) -> Tensor:
     return torch.stack([lo + half, hi - half], dim=1)
 
 
-def _constraint_and_slope(w: Tensor, q: Tensor, r: float) -> tuple[Tensor, Tensor]:
-    """``cs(w; Q, g)`` and its subgradient's sign (int8, slope = 2·sign), element-wise (spec §1.4)."""
+def _constraint_and_slope_reference(w: Tensor, q: Tensor, r: float) -> tuple[Tensor, Tensor]:
+    """``cs(w; Q, g)`` and its slope ``dcs/dw`` (±2 or 0, float), element-wise (spec §1.4), by interval look-up
+    (bucketize and gathers): the readable definition, used when :func:`_cs_plan` finds no exact fast path."""
     n = q.numel()
     k = torch.bucketize(w, q, right=True)  # number of levels <= w: 0 below q_1, n at or above q_n
     below, above = k == 0, k == n
@@ -263,23 +367,138 @@ def _constraint_and_slope(w: Tensor, q: Tensor, r: float) -> tuple[Tensor, Tenso
     one = torch.ones((), dtype=torch.int8, device=w.device)
     sign = torch.where(below, -one, torch.where(above, one, torch.where(
         window, torch.zeros_like(one), torch.where(lower_band, one, -one))))
-    return cs, sign
+    return cs, (2 * sign).to(w.dtype)
+
+
+class _CSPlan:
+    """Thresholds of the fast constraint for levels ``q`` and ``r`` (see :func:`_cs_fast`)."""
+
+    __slots__ = ("thresholds", "steps", "top")
+
+    def __init__(self, q: Tensor, r: float) -> None:
+        lo, hi = q[:-1], q[1:]
+        half = r * (hi - lo) / 2  # the same float ops as the reference's per-element ``r * (hi - lo) / 2``
+        # rows: window ends b_j = q_{j+1} - rΔ_j/2, then window starts a_j = q_j + rΔ_j/2
+        self.thresholds = torch.cat([hi - half, lo + half]).view(-1, 1)
+        values = q.tolist()
+        self.steps = tuple(b - a for a, b in itertools.pairwise(values))  # Δ_j (exact: checked by _cs_plan)
+        self.top = values[-1]
+
+
+def _sum_is_exact(a: Tensor, b: Tensor) -> Tensor:
+    """Per element: is ``a + b`` exact in floating point? (Knuth's TwoSum error term is zero.)"""
+    s = a + b
+    a2 = s - b
+    return ((a - a2) + (b - (s - a2))) == 0
+
+
+def _cs_plan(q: Tensor, r: float, *, exact: bool | None = None) -> _CSPlan | None:
+    """The fast plan, or ``None`` (use the reference) unless every step ``Δ_j = q_{j+1} - q_j`` and every median
+    ``q_j + Δ_j/2`` is exact in ``q``'s dtype: then :func:`_cs_fast` is bit-identical to the reference. The
+    factor sets (in units of s) and ``s·F`` for bin/ter pass; arbitrary user levels may not. ``exact=True``
+    skips the check (a host sync) for the factor sets, which are known to pass."""
+    if exact is None:
+        lo, hi = q[:-1], q[1:]
+        steps = hi - lo
+        exact = bool((_sum_is_exact(hi, -lo) & _sum_is_exact(lo, steps / 2) & (steps / 2 * 2 == steps)).all())
+    return _CSPlan(q, r) if exact else None
+
+
+def _cs_fast(u: Tensor, plan: _CSPlan, slope: bool = True,
+             work: _Workspace | None = None) -> tuple[Tensor, Tensor | None]:
+    """``cs`` and its slope (±2 or 0) with ~15 element-wise float ops and no bool tensors, bucketize or
+    gathers (those cost 10-50× an add on CPU), bit-identical to :func:`_constraint_and_slope_reference`.
+
+    ``B_t = -[u < t] = min(sign(u - t), 0)`` for the sorted thresholds ``a_j <= b_j`` (exact: the sign of a
+    float difference is exact). The anchor level ``L = q_n + Σ_j Δ_j·B_{b_j}`` (summed from the top, so each
+    partial sum is a level: exact) is the level whose distance ``cs`` measures outside the windows: ``q_1``
+    below, ``q_j`` on the lower band ``[q_j, a_j)``, ``q_{j+1}`` on the upper band ``[b_j, q_{j+1})``, ``q_n``
+    above. ``|u - L|`` equals the reference's ``min(u - q_j, q_{j+1} - u)`` there (rounding is monotone), the
+    window indicator is ``Σ_j (B_{a_j} - B_{b_j})``, and the slope is ``+2`` where ``u >= L``, else ``-2``.
+    """
+    flat = u.reshape(1, -1)
+    m, n = len(plan.steps), flat.shape[1]
+    b = torch.sub(flat, plan.thresholds, out=_scratch(work, "b", (2 * m, n), u))
+    b = b.sign_().clamp_(max=0)  # (2(n-1), N): -[u < t], rows b_0.., a_0..
+    anchor = torch.mul(b[m - 1], plan.steps[m - 1], out=_scratch(work, "anchor", (n,), u)).add_(plan.top)
+    for j in range(m - 2, -1, -1):
+        anchor.add_(b[j], alpha=plan.steps[j])
+    keep = b[0] - b[m]  # 1 + Σ_j (B_{b_j} - B_{a_j}): 0 on the windows, 1 elsewhere
+    for j in range(1, m):
+        keep.add_(b[j]).sub_(b[m + j])
+    d = torch.sub(flat[0], anchor, out=anchor)
+    keep2 = keep.add_(1).mul_(2)
+    cs = torch.abs(d, out=_scratch(work, "cs", (n,), u)).mul_(keep2).view_as(u)
+    if not slope:
+        return cs, None
+    # +2 where u >= L (d = -0 only for u = -0 on the level 0: make it +0 first), -2 below, 0 on the windows
+    return cs, torch.copysign(keep2, d.add_(0.0), out=keep2).view_as(u)
+
+
+def _constraint_and_slope(w: Tensor, q: Tensor, r: float, slope: bool = True,
+                          plan: _CSPlan | None = None) -> tuple[Tensor, Tensor | None]:
+    """``cs(w; Q, g)`` and its slope ``dcs/dw`` (±2 or 0, in ``w``'s dtype), element-wise (spec §1.4).
+
+    The fast arithmetic path (:func:`_cs_fast`) when the levels allow it exactly, else the reference."""
+    plan = plan if plan is not None else _cs_plan(q, r)
+    if plan is None:
+        return _constraint_and_slope_reference(w, q, r)
+    return _cs_fast(w, plan, slope)
 
 
 class _Constraint(torch.autograd.Function):
     """cs forward; backward ``grad * dcs/dw`` out of place (spec §1.4 warns the original's in-place one)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, q: Tensor, r: float) -> Tensor:  # noqa: D102
-        cs, sign = _constraint_and_slope(w, q, r)
-        ctx.save_for_backward(sign)
+    def forward(ctx, w: Tensor, q: Tensor, r: float, plan: _CSPlan | None = None) -> Tensor:  # noqa: D102
+        cs, slope = _constraint_and_slope(w, q, r, plan=plan)
+        ctx.save_for_backward(slope)
         return cs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
-        (sign,) = ctx.saved_tensors
-        return grad * (2 * sign).to(grad.dtype), None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None, None
+
+
+class _FusedStep(torch.autograd.Function):
+    """One pass over all constrained weights: their projections ``w_q`` (flat) and the penalty
+    ``Σ λ·s·cs(w/s)``.
+
+    Forward: :func:`_project_factors` with per-element scales and ``(lam_s * cs(w / s)).sum()``, scratch in a
+    reused :class:`_Workspace`; backward: ``grad_wq + ((grad_pen * lam_s) * slope) / s`` (the very ops, in
+    the same order, that autograd runs for the layer-by-layer path: STE identity, then the mul, constraint and
+    div backward), split back to the weights. Values and gradients are bit-identical to that path.
+    ``plan is None``: no penalty (variant ``"ste"``).
+    """
+
+    @staticmethod
+    def forward(ctx, consts: tuple, plan: _CSPlan | None, work: _Workspace,  # noqa: D102
+                *ws: Tensor) -> tuple[Tensor, Tensor]:
+        s, lam_s, medians, half_steps, centre, m = consts
+        n = s.numel()
+        w = torch.cat([t.reshape(-1) for t in ws], out=work("w", (n,), s)) if len(ws) > 1 else ws[0].reshape(-1)
+        wq = _project_factors(w, s, medians, half_steps, centre, m, work)
+        ctx.sizes = [t.numel() for t in ws]
+        ctx.shapes = [t.shape for t in ws]
+        if plan is None:
+            ctx.penalty = False
+            return wq, w.new_zeros(())
+        u = torch.div(w, s, out=work("u", (n,), s))
+        cs, slope = _cs_fast(u, plan, work=work)
+        ctx.penalty = True
+        ctx.save_for_backward(s, lam_s, slope)
+        return wq, torch.mul(lam_s, cs, out=cs).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_wq: Tensor, grad_pen: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        if ctx.penalty:
+            s, lam_s, slope = ctx.saved_tensors
+            grad_wq = torch.mul(grad_pen, lam_s).mul_(slope).div_(s).add_(grad_wq)  # = grad_wq + that, exactly
+        grads = [g.view(shape) for g, shape in zip(grad_wq.split(ctx.sizes), ctx.shapes, strict=True)]
+        return (None, None, None, *grads)
 
 
 def constraint(w: Tensor, levels: Tensor, g: float) -> Tensor:
@@ -329,7 +548,7 @@ def cfs(model_or_tensors: nn.Module | Tensor | Iterable, levels: Tensor | None =
     total, count = 0.0, 0
     for w, q in _pairs(model_or_tensors, levels):
         _check_weight(w)
-        cs, _ = _constraint_and_slope(w.detach(), _check_levels(q).detach().to(w), 1.0)
+        cs, _ = _constraint_and_slope(w.detach(), _check_levels(q).detach().to(w), 1.0, slope=False)
         total += float(cs.double().sum())
         count += w.numel()
     if count == 0:
@@ -409,7 +628,7 @@ class CBP:
     """
 
     def __init__(self, model: nn.Module, mode: str | None = None, *, config: CBPConfig | None = None,
-                 **options: Any) -> None:
+                 fused: bool = True, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"CBP needs an nn.Module, got {type(model).__name__}")
         known = {f.name for f in fields(CBPConfig)}
@@ -444,6 +663,12 @@ class CBP:
         self._batches: int = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._flat: tuple[Tensor, Tensor, Tensor] | None = None
+        self._plans: dict[float, _CSPlan] = {}
+        self._medians: Tensor | None = None  # per-element medians s·M of the fused step (cached)
+        self._work = _Workspace()  # scratch of the fused step
+        #: :meth:`criterion` runs the fused step (:class:`_FusedStep`: all layers' projections and the penalty
+        #: in one flat pass, bit-identical to the per-layer path); ``False``: quantize layer by layer
+        self.fused = bool(fused)
 
     # --- structure -------------------------------------------------------------------------------------
     @staticmethod
@@ -519,7 +744,7 @@ class CBP:
         self._sync_device()
         r = _check_g(self.g_effective if g is None else g)
         for lam, w, q in zip(self.lambdas, self._weights(), self._levels(), strict=True):
-            cs, _ = _constraint_and_slope(w.detach(), q, r)
+            cs, _ = _constraint_and_slope(w.detach(), q, r, slope=False)
             lam.grad = -cs
         self._lambda_opt.step()
         self._invalidate()
@@ -541,7 +766,15 @@ class CBP:
         r = _check_g(self.g_effective)
         s, lam_s, factors = self._flat_constants()
         w = torch.cat([w.reshape(-1) for w in ws]) if len(ws) > 1 else ws[0].reshape(-1)
-        return (lam_s * _Constraint.apply(w / s, factors, r)).sum()
+        return (lam_s * _Constraint.apply(w / s, factors, r, self._plan(r))).sum()
+
+    def _plan(self, r: float) -> _CSPlan:
+        """The constraint's thresholds in units of s (factor set F, exact), cached per ``r``."""
+        plan = self._plans.get(r)
+        if plan is None:
+            _, _, factors = self._flat_constants()
+            plan = self._plans[r] = _cs_plan(factors, r, exact=True)
+        return plan
 
     def _flat_constants(self) -> tuple[Tensor, Tensor, Tensor]:
         """Per-element scale ``s``, ``λ·s`` (flat, detached) and the factor set ``F``; cached until λ, the
@@ -557,20 +790,56 @@ class CBP:
 
     def _invalidate(self) -> None:
         self._flat = None
+        self._plans = {}
+        self._medians = None
+        self._work = _Workspace()
 
     def lagrangian(self, loss: Tensor) -> Tensor:
         """``loss + penalty()``; accumulates the detached value into this epoch's ``L_sum`` (spec §1.5a)."""
         if not self.started:
             self.start()
-        lag = loss + self.penalty()
+        return self._accumulate(loss + self.penalty())
+
+    def _accumulate(self, lag: Tensor) -> Tensor:
+        """``L_sum += lag`` (detached, float64, on the device: no host sync)."""
         d = lag.detach().double()
         self._l_sum = d if self._l_sum is None else self._l_sum + d
         self._batches += 1
         return lag
 
     def criterion(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """``CE(model(x; W_q), y) + Σ λ·cs`` (paper Eq. 7), for ``fit(..., criterion=cbp.criterion)``."""
-        return self.lagrangian(F.cross_entropy(model(x), y))
+        """``CE(model(x; W_q), y) + Σ λ·cs`` (paper Eq. 7), for ``fit(..., criterion=cbp.criterion)``.
+
+        With ``fused`` (default) and once started, one flat pass (:class:`_FusedStep`) projects every
+        constrained weight and computes the penalty before the forward, and the layers use those
+        projections: the same values and gradients as the layer-by-layer path, a handful of ops in all.
+        """
+        if not (self.fused and self.started and (model is self.model or getattr(model, "module", None) is self.model)):
+            return self.lagrangian(F.cross_entropy(model(x), y))
+        views, pen = self._fused_projections()
+        quantizers = [layer.weight_quantizer for layer in self.layers.values()]
+        for quantizer, w, v in zip(quantizers, self._weights(), views, strict=True):
+            quantizer._pre = (w, v)
+        try:
+            out = model(x)
+        finally:
+            for quantizer in quantizers:
+                quantizer._pre = None
+        return self._accumulate(F.cross_entropy(out, y) + pen)
+
+    def _fused_projections(self) -> tuple[list[Tensor], Tensor]:
+        """Every constrained layer's projection (views of one flat tensor) and the penalty, in one pass."""
+        self._sync_device()
+        ws = self._weights()
+        s, lam_s, _ = self._flat_constants()
+        medians, half_steps, centre = _factor_constants(self.config.mode, s.dtype, s.device)
+        plan = None if self.config.variant == "ste" else self._plan(_check_g(self.g_effective))
+        if self._medians is None and medians.shape[0] * s.numel() <= _MEDIANS_CACHE_MAX:
+            self._medians = medians * s.reshape(1, -1)
+        consts = (s, lam_s, medians, half_steps, centre, self._medians)
+        wq, pen = _FusedStep.apply(consts, plan, self._work, *ws)
+        views = [v.view_as(w) for v, w in zip(wq.split([w.numel() for w in ws]), ws, strict=True)]
+        return views, pen
 
     # --- the schedule ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -645,7 +914,7 @@ class CBP:
         self._sync_device()
         s, _, factors = self._flat_constants()
         u = self.normalized_weights()
-        y, _ = _constraint_and_slope(u, factors, 1.0)  # Y(w) / s
+        y, _ = _constraint_and_slope(u, factors, 1.0, slope=False, plan=self._plan(1.0))  # Y(w) / s
         y = y.double()
         lam = torch.cat([lam.detach().reshape(-1) for lam in self.lambdas]).double()
         outside = (u < factors[0]) | (u > factors[-1])
@@ -683,8 +952,9 @@ class CBP:
         """Clamp every constrained latent weight to ``clamp`` = [-1, 1] (paper clip(W); spec §1.5a)."""
         if self.config.clamp is not None:
             low, high = self.config.clamp
-            for w in self._weights():
-                w.clamp_(low, high)
+            ws = self._weights()
+            torch._foreach_clamp_min_(ws, low)  # = w.clamp_(low, high) per layer, in two calls for all layers
+            torch._foreach_clamp_max_(ws, high)
 
     def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
         """:meth:`end_of_epoch` with the L_sum accumulated by :meth:`criterion` (the loop's own loss sum is
