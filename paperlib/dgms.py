@@ -28,6 +28,12 @@ alive for backward; the transient peak is a few [K, chunk] temporaries. ``impl="
 linear-space transcription of the code's formula through plain autograd (O(K #weights) saved), kept as an
 oracle and for double backward.
 
+Speed (issue 9): on CPU the same Function runs as a small native kernel (``impl="auto"``, the default; C
+compiled once per machine, see "native CPU kernel" below): one fused pass per tile of 32 weights, SIMD across
+weights, no [K, #weights] tensor in either pass, analytical backward, OpenMP over chunks, denormals flushed.
+It agrees with the torch path to float rounding (tests/test_fused_dgms.py); without a C compiler ``"auto"``
+is the torch path.
+
 §2.1 qualified (measured here): at tau = 0.01 the assignment is one-hot for TV-1's weights
 and for most weights of a layer, but not near decision boundaries (|r_j - r_k| < ~0.3), where ``a`` stays soft
 and gradients are amplified by 1/tau. On a freshly initialised ResNet-8 (K = 4 k-means or empirical, K = 16
@@ -62,6 +68,7 @@ from .data.errors import DataError
 from .data.load import load_dataset
 from .data.tensors import InMemoryData, TensorLoader
 from .device import cpu_threads
+from .dgms_native import _NATIVE_DTYPES, _NATIVE_MAX_K, _native_lib, native_cache_dir, native_status
 from .models import create_model, load_weights
 from .presets import register_presets
 from .pretrain import pretrained_fp32
@@ -72,7 +79,8 @@ from .train import Callback, TrainConfig, evaluate, fit, resolve_device
 
 Logits = Literal["responsibility", "log_responsibility"]
 HardArgmax = Literal["softmax", "log_joint"]
-Impl = Literal["fused", "reference"]
+Impl = Literal["auto", "native", "fused", "reference"]
+IMPLS = ("auto", "native", "fused", "reference")
 InitMethod = Literal["kmeans", "empirical"]
 KMeansImpl = Literal["lloyd1d", "sklearn"]
 EvalMode = Literal["hard", "soft"]
@@ -375,13 +383,74 @@ def _soft_reference(
     return (a[1:] * m[1:, None]).sum(0).view_as(w)
 
 
+
+
+
+def _native_ok(w: Tensor, k: int) -> bool:
+    return w.device.type == "cpu" and w.dtype in _NATIVE_DTYPES and k <= _NATIVE_MAX_K and _native_lib() is not None
+
+
+def _use_native(impl: str, w: Tensor, k: int) -> bool:
+    """Whether ``impl`` means the native kernel for ``w`` (``"native"`` that cannot run raises)."""
+    if impl == "native":
+        if not _native_ok(w, k):
+            raise RuntimeError(f"impl='native' needs a CPU float32/float64 tensor, K <= {_NATIVE_MAX_K} and the "
+                               f"compiled kernel ({native_status()['error'] or 'unsupported input'}); use "
+                               "impl='auto' to fall back to the torch path")
+        return True
+    return impl == "auto" and _native_ok(w, k)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _DGMSNative(torch.autograd.Function):
+    """S(w) of §1.4 from a layer's raw parameters through the native kernel: ``m = [0, mu_rest]``,
+    ``|sigma|``, ``|pi| / sum |pi|``, tau, with the §2 guards (clamps counted into ``hits``) when ``guards``.
+    Same math and gradients as ``_effective`` + clamps + :class:`_SoftWeights` under autograd."""
+
+    @staticmethod
+    def forward(ctx, w, mu_rest, sigma, pi, tau, faithful: bool, guards: bool, hits):  # noqa: D102
+        lib = _native_lib()
+        sfx = "f32" if w.dtype == torch.float32 else "f64"
+        wc, mc, sc, pc, tc = (t.detach().contiguous() for t in (w, mu_rest, sigma, pi, tau))
+        out = torch.empty_like(wc)
+        err = getattr(lib, f"dgms_layer_forward_{sfx}")(
+            wc.numel(), sc.numel(), _ptr(wc), _ptr(mc), _ptr(sc), _ptr(pc), _ptr(tc), int(faithful), int(guards),
+            math.log(EPS), _ptr(out), _ptr(hits), torch.get_num_threads())
+        if err:
+            raise MemoryError("dgms native kernel: out of memory for its scratch buffers")
+        ctx.save_for_backward(wc, mc, sc, pc, tc)
+        ctx.flags = (int(faithful), int(guards))
+        return out.view_as(w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        w, mu_rest, sigma, pi, tau = ctx.saved_tensors
+        lib = _native_lib()
+        sfx = "f32" if w.dtype == torch.float32 else "f64"
+        g = grad.contiguous()
+        gw, gmu, gs, gpi, gt = (torch.empty_like(t) for t in (w, mu_rest, sigma, pi, tau))
+        err = getattr(lib, f"dgms_layer_backward_{sfx}")(
+            w.numel(), sigma.numel(), _ptr(w), _ptr(g), _ptr(mu_rest), _ptr(sigma), _ptr(pi), _ptr(tau), *ctx.flags,
+            math.log(EPS), _ptr(gw), _ptr(gmu), _ptr(gs), _ptr(gpi), _ptr(gt), torch.get_num_threads())
+        if err:
+            raise MemoryError("dgms native kernel: out of memory for its scratch buffers")
+        return gw.view(grad.shape), gmu, gs, gpi, gt, None, None, None
+
+
 def _soft(w, m, sigma_e, pi_t, tau, logits: str, impl: str, chunk_elements: int) -> Tensor:
+    """S(w) from effective parameters with the torch implementations (the native kernel takes raw parameters:
+    :class:`_DGMSNative`)."""
     faithful = logits == "responsibility"
-    if impl == "fused":
+    if impl in ("fused", "auto", "native"):
         return _SoftWeights.apply(w, m, sigma_e, pi_t, tau, faithful, chunk_elements)
     if impl == "reference":
         return _soft_reference(w, m, sigma_e, pi_t, tau, faithful)
-    raise ValueError(f"impl={impl!r}: use 'fused' (chunked, O(#weights) memory) or 'reference'")
+    raise ValueError(f"impl={impl!r}: use 'auto' (native kernel on CPU when it builds, else 'fused'), 'native', "
+                     "'fused' (torch, chunked, O(#weights) memory) or 'reference'")
 
 
 @torch.no_grad()
@@ -407,7 +476,7 @@ def soft_weights(
     tau: float | Tensor,
     logits: Logits = "responsibility",
     *,
-    impl: Impl = "fused",
+    impl: Impl = "auto",
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
     """Soft-shared weights ``S(w) = sum_{k>=1} a_k(w) mu_k`` (spec §1.4), same shape as ``w``.
@@ -416,13 +485,21 @@ def soft_weights(
     (``logits="responsibility"``, the code) or ``softmax_k(log(pi~_k N_k) / tau)``
     (``"log_responsibility"``, labelled not-from-code). Differentiable in ``w``, ``mu[1:]``, ``sigma``, ``pi``
     and ``tau``; ``mu[0]`` must be 0 and gets no gradient. Computed in ``w``'s dtype on its device; ``impl``
-    picks the chunked custom backward (default) or the code's literal formula under plain autograd.
+    picks the implementation, all with the same values and gradients to float rounding: ``"auto"`` (default:
+    the native CPU kernel for CPU float32/float64, else ``"fused"``), ``"native"``, ``"fused"`` (torch, chunked
+    custom backward, O(#weights) memory) or ``"reference"`` (the code's literal formula under plain autograd).
     """
     _check_weight(w)
-    _check_mixture(mu, sigma, pi)
+    k = _check_mixture(mu, sigma, pi)
     _check_logits(logits)
+    if impl not in IMPLS:
+        _soft(w, mu, sigma, pi, tau, logits, impl, chunk_elements)  # raises the error naming the choices
+    t = _as_tau(tau, w)
+    if _use_native(impl, w, k):
+        mu_c, sigma_c, pi_c = (x.to(device=w.device, dtype=w.dtype) for x in (mu, sigma, pi))
+        return _DGMSNative.apply(w, mu_c[1:], sigma_c, pi_c, t, logits == "responsibility", False, None)
     m, sigma_e, pi_t = _effective(mu, sigma, pi, w.dtype)
-    return _soft(w, m, sigma_e, pi_t, _as_tau(tau, w), logits, impl, chunk_elements)
+    return _soft(w, m, sigma_e, pi_t, t, logits, impl, chunk_elements)
 
 
 def soft_assignment(
@@ -497,6 +574,9 @@ class DGMSWeight(nn.Module):
     ``hard_argmax``: ``"softmax"`` (the code: argmax of the computed ``a``) or ``"log_joint"`` (exact).
     ``eval_mode`` (attribute, not state): ``"hard"`` (default, §1.5) or ``"soft"``, which makes eval mode
     compute ``S(W)`` too, so the soft network can be evaluated with BN running statistics (:func:`soft_eval`).
+    ``impl`` (how ``S(W)`` is computed; same values and gradients to float rounding): ``"auto"`` (default: the
+    native CPU kernel for CPU float32/float64 weights when it builds, else ``"fused"``), ``"native"``,
+    ``"fused"`` (torch, chunked) or ``"reference"`` (plain autograd, O(K #weights) memory).
     """
 
     def __init__(
@@ -511,10 +591,15 @@ class DGMSWeight(nn.Module):
         hard_argmax: HardArgmax = "softmax",
         guards: bool = True,
         chunk_elements: int = CHUNK_ELEMENTS,
+        impl: Impl = "auto",
     ) -> None:
         super().__init__()
         k = _check_mixture(mu, sigma, pi, allow_zero_sigma=guards)
         _check_logits(logits)
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r}: use one of {IMPLS} ('auto': the native CPU kernel when it builds, "
+                             "else the chunked torch path)")
+        self.impl = impl
         if hard_argmax not in HARD_ARGMAX:
             raise ValueError(f"hard_argmax={hard_argmax!r}: use 'softmax' (the code) or 'log_joint' (exact)")
         tau_t = _as_tau(tau, mu.detach()).clone()
@@ -563,21 +648,33 @@ class DGMSWeight(nn.Module):
     def mixture(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Effective ``(m, sigma_e, pi~, tau_e)`` of the forward, guards applied and recorded."""
         dtype = dtype or self.mu_rest.dtype
-        mu, sigma, tau = self.mu, self.sigma, self.tau
-        if self.guards:
-            with torch.no_grad():
-                self.guard_hits[0] += (sigma.detach().abs() < SIGMA_MIN).any().long()
-                self.guard_hits[1] += (tau.detach() < TAU_MIN).long()
-            m, sigma_e, pi_t = _effective(mu, sigma, self.pi, dtype)
-            return m, sigma_e.clamp_min(SIGMA_MIN), pi_t, tau.to(dtype).clamp_min(TAU_MIN)
+        sigma, tau = self.sigma, self.tau
+        if self.guards:  # the values of _effective + clamps, in fewer small ops (this runs every step)
+            rest = self.mu_rest.to(dtype)
+            m = torch.cat([rest.detach().new_zeros(1), rest])
+            sa = sigma.to(dtype).abs()
+            pa = self.pi.to(dtype).abs()
+            t = tau.to(dtype)
+            with torch.no_grad():  # counted on the device: no host sync
+                self.guard_hits += torch.stack([(sa < SIGMA_MIN).any(), t < TAU_MIN]).to(self.guard_hits.dtype)
+            return m, sa.clamp_min(SIGMA_MIN), pa / pa.sum(), t.clamp_min(TAU_MIN)
+        mu = self.mu
         _check_mixture(mu, sigma, self.pi)
         m, sigma_e, pi_t = _effective(mu, sigma, self.pi, dtype)
         return m, sigma_e, pi_t, _as_tau(tau, mu).to(dtype)
 
     def soft(self, w: Tensor) -> Tensor:
         """``S(w)`` of §1.4 with this layer's mixture."""
+        impl = getattr(self, "impl", "fused")
+        if _use_native(impl, w, self.num_components):
+            if not self.guards:
+                _check_mixture(self.mu, self.sigma, self.pi)
+                _as_tau(self.tau, w)
+            params = (x.to(device=w.device, dtype=w.dtype) for x in (self.mu_rest, self.sigma, self.pi, self.tau))
+            return _DGMSNative.apply(w, *params, self.logits == "responsibility", self.guards,
+                                     self.guard_hits if self.guards else None)
         m, sigma_e, pi_t, tau = self.mixture(w.dtype)
-        return _soft(w, m, sigma_e, pi_t, tau, self.logits, "fused", self.chunk_elements)
+        return _soft(w, m, sigma_e, pi_t, tau, self.logits, impl, self.chunk_elements)
 
     def codes(self, w: Tensor) -> Tensor:
         """Hard component index of every weight (int64), by ``hard_argmax``."""
@@ -597,8 +694,9 @@ class DGMSWeight(nn.Module):
         return {"sigma_clamped": int(self.guard_hits[0]), "tau_clamped": int(self.guard_hits[1])}
 
     def extra_repr(self) -> str:
-        return (f"K={self.num_components}, tau={float(self.tau):.4g}, learn_tau={self.learn_tau}, "
-                f"logits={self.logits!r}, hard_argmax={self.hard_argmax!r}, guards={self.guards}")
+        return (f"K={self.num_components}, tau={float(self.tau.detach()):.4g}, learn_tau={self.learn_tau}, "
+                f"logits={self.logits!r}, hard_argmax={self.hard_argmax!r}, guards={self.guards}, "
+                f"impl={getattr(self, 'impl', 'fused')!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -838,6 +936,18 @@ _DIGITS: dict[str, Any] = {
     # 1 thread on CPU: measured on a shared 2-core machine, 2 OpenMP threads ran this 4-10x slower than 1 as soon
     # as another process was busy (spin-waiting threads); the paper preset keeps torch's default (0)
     "num_threads": 1,
+    "parts": [],  # further experiments on other data (paper preset): see experiment_parts
+    "impl": "auto",  # how S(W) is computed (DGMSWeight impl): auto (native CPU kernel, else torch) | fused | native
+}
+# §1.6 CIFAR-10 column: ResNet-20 (option A) and VGG-Small, K = 4 with sigma = 0.01 ("empirical"), SGD lr 2e-5
+# OneCycle, 350 epochs, batch 128, best test top-1 over epochs. The code starts from its own FP32 checkpoints,
+# which are not published: the FP32 nets are trained here (cached), with fp_epochs/fp_lr below.
+CIFAR10_PART: dict[str, Any] = {
+    "name": "CIFAR-10", "dataset": "cifar10", "image_size": 32, "num_classes": 10,
+    "models": ["resnet20", "vgg_small"], "fp32_weights": {}, "fp_epochs": 200, "fp_lr": 0.1, "fp_batch_size": 128,
+    "num_components": [4], "init": "empirical", "epochs": 350, "batch_size": 128, "lr": 2e-5, "uniform_lr": 1e-3,
+    "selection": "best_test", "bn_recal_batches": 0, "eval_batch_size": 512, "num_workers": 0, "train_csv": "",
+    "test_csv": "",
 }
 register_presets(NOTEBOOK, {
     "smoke": {**_DIGITS, "seeds": [0], "fp_epochs": 3, "num_components": [8, 4], "epochs": 1, "batch_size": 512,
@@ -845,13 +955,15 @@ register_presets(NOTEBOOK, {
     "default": _DIGITS,
     # §1.6 ImageNet column: torchvision FP32 weights, K = 16 k-means init, SGD lr 2e-5 OneCycle, 60 epochs,
     # batch 256, best test top-1 over epochs. data_dir: train.csv, val.csv (image,label), the images, and the
-    # weight files named in fp32_weights.
+    # weight files named in fp32_weights; and/or cifar-10-batches-py/ for the CIFAR-10 part (CIFAR10_PART).
+    # Each part runs when its data is in data_dir (experiment_parts).
     "paper": {**_DIGITS, "dataset": "imagenet", "image_size": 224, "num_classes": 1000,
               "models": ["resnet18", "resnet50"], "seeds": [0], "fp32_weights": {"resnet18": "resnet18.pth",
                                                                                 "resnet50": "resnet50.pth"},
               "num_components": [16], "variants": [FAITHFUL], "n_init": 3, "epochs": 60, "batch_size": 256,
               "lr": 2e-5, "uniform_lr": 1e-3, "selection": "best_test", "bn_recal_batches": 200, "eval_batch_size": 256,
-              "num_workers": 8, "train_csv": "train.csv", "test_csv": "val.csv", "num_threads": 0},
+              "num_workers": 8, "train_csv": "train.csv", "test_csv": "val.csv", "num_threads": 0,
+              "parts": [CIFAR10_PART]},
 })
 
 
@@ -1171,7 +1283,43 @@ def soft_hard_curves(mu: Tensor, sigma: Tensor, pi: Tensor, weights: Tensor, tau
 
 
 # ------------------------------------------------------------------------------------------ data and models
+PART_FIXED = ("parts", "num_threads")  # settings a part cannot change (they apply to the whole run)
+
+
+def experiment_parts(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The experiments a config runs: the config itself (named by its dataset), then one per entry of
+    ``cfg["parts"]`` (the config with that entry's settings; ``name`` labels it). Each comes back as a full
+    config with ``parts`` emptied and ``part`` set to its name. The paper preset has two: ImageNet (ResNet-18/50)
+    and CIFAR-10 (ResNet-20 and VGG-Small, :data:`CIFAR10_PART`)."""
+    parts = cfg.get("parts") or []
+    if not isinstance(parts, list) or not all(isinstance(q, dict) for q in parts):
+        raise ValueError(f"parts must be a list of dicts of settings, got {parts!r}")
+    out = [{**cfg, "parts": [], "part": cfg["dataset"]}]
+    for q in parts:
+        bad = sorted(set(q) - (set(cfg) - set(PART_FIXED)) - {"name"})
+        if bad:
+            raise ValueError(f"part {q.get('name', q)!r} sets unknown or fixed settings {bad}; a part may set any "
+                             f"setting of the notebook but {list(PART_FIXED)}")
+        out.append({**cfg, **{k: v for k, v in q.items() if k != "name"}, "parts": [],
+                    "part": q.get("name") or q.get("dataset", cfg["dataset"])})
+    return out
+
+
+def _impl_record(impl: str, dev: torch.device) -> dict[str, Any]:
+    """Which implementation of S(W) a run used (for the run record)."""
+    if impl in ("fused", "reference") or dev.type != "cpu":
+        return {"impl": impl, "resolved": "fused" if impl == "auto" else impl}
+    st = native_status()
+    return {"impl": impl, "resolved": "native" if st["available"] else "fused", "native_error": st["error"]}
+
+
 def _check_cfg(cfg: dict[str, Any]) -> None:
+    if cfg.get("parts"):
+        for q in experiment_parts(cfg):
+            _check_cfg(q)
+        return
+    if cfg["impl"] not in IMPLS:
+        raise ValueError(f"impl={cfg['impl']!r}: use one of {IMPLS}")
     for k in cfg["num_components"]:
         check_num_components(k)
     names = [v.get("name") for v in cfg["variants"]]
@@ -1330,7 +1478,63 @@ def run_dgms(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
     """
     _check_cfg(cfg)
     with cpu_threads(cfg["num_threads"]):
+        if cfg.get("parts"):
+            return _run_parts(cfg, device, data_dir, progress)
         return _run_dgms(cfg, device, data_dir, progress)
+
+
+def _part_needs(q: dict[str, Any]) -> str:
+    if q["dataset"] == "imagenet":
+        return (f"{q['part']}: {q['train_csv']} and {q['test_csv']} (CSV with header image,label, paths relative to "
+                f"data_dir), the images they list and the FP32 weight files {sorted(q['fp32_weights'].values())}")
+    folder = "cifar-10-batches-py" if q["dataset"] == "cifar10" else "cifar-100-python"
+    return f"{q['part']}: {folder}/ (torchvision's {q['dataset'].upper()} folder)"
+
+
+def _part_present(q: dict[str, Any], root: Path) -> bool:
+    if q["dataset"] == "imagenet":
+        return (root / q["train_csv"]).is_file() and (root / q["test_csv"]).is_file()
+    if q["dataset"] in ("cifar10", "cifar100"):
+        return (root / ("cifar-10-batches-py" if q["dataset"] == "cifar10" else "cifar-100-python")).is_dir()
+    return True
+
+
+def _run_parts(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
+    """Every part of :func:`experiment_parts` whose data is in ``data_dir``, merged into one metrics dict
+    (rows concatenated, keyed by model; figure data from the first part run; ``skipped_parts`` says which
+    parts had no data). No data at all is an error naming what each part needs."""
+    parts = experiment_parts(cfg)
+    needs = "; ".join(_part_needs(q) for q in parts)
+    if not data_dir:
+        raise DataError(f"the {cfg.get('preset', 'paper')} preset needs data_dir: one folder holding the data of the "
+                        f"parts to run ({needs}); a part whose data is absent is skipped, nothing is downloaded. Set "
+                        "the notebook parameter data_dir.")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data_dir={data_dir!r} is not a directory; pass the folder holding {needs}")
+    run = [q for q in parts if _part_present(q, root)]
+    if not run:
+        raise DataError(f"data_dir={data_dir!r} holds the data of no part: it needs {needs}")
+    names = [m for q in run for m in q["models"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model appears in two parts that would run ({names}); results are keyed by model, give "
+                         "each part its own models")
+    results = [(q, _run_dgms(q, device, data_dir, progress)) for q in run]
+    merged = dict(results[0][1])
+    for key in ("per_seed", "summary", "probe"):
+        merged[key] = [r for _, m in results for r in m[key]]
+    prints = "".join(m["data_fingerprint"] for _, m in results)
+    merged.update({
+        "dataset": " + ".join(m["dataset"] for _, m in results), "config": cfg,
+        "data_fingerprint": hashlib.sha256(prints.encode()).hexdigest()[:16],
+        "parts": [{"name": q["part"], "dataset": m["dataset"], "models": q["models"], "num_classes": m["num_classes"],
+                   "data_fingerprint": m["data_fingerprint"], "wall_s": m["wall_s"]} for q, m in results],
+        "skipped_parts": [{"name": q["part"], "needs": _part_needs(q)} for q in parts if q not in run],
+        "wall_s": sum(m["wall_s"] for _, m in results), "cpu_s": sum(m["cpu_s"] for _, m in results),
+    })
+    merged["claims"] = check_claims(merged)
+    merged["key_metric"] = _key_metric(merged)
+    return merged
 
 
 def _run_dgms(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
@@ -1396,7 +1600,7 @@ def _run_dgms(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | 
                     t1 = time.perf_counter()
                     m = quantize_dgms(copy.deepcopy(fp), k, method=init, seed=seed, n_init=cfg["n_init"],
                                       kmeans=cfg["kmeans"], hard_argmax=cfg["hard_argmax"], guards=cfg["guards"],
-                                      chunk_elements=chunk)
+                                      chunk_elements=chunk, impl=cfg["impl"])
                     rep0 = compression_report(m).set_index("layer").loc["DGMS layers"]
                     name0 = INIT_NAMES[init]
                     with hard_argmax_mode(m, "log_joint"):
@@ -1416,7 +1620,7 @@ def _run_dgms(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | 
                                   kmeans=cfg["kmeans"], tau=v.get("tau", TAU_INIT), logits=v.get("logits",
                                   "responsibility"), learn_tau=v.get("learn_tau", cfg["learn_tau"]),
                                   hard_argmax=v.get("hard_argmax", cfg["hard_argmax"]), guards=cfg["guards"],
-                                  chunk_elements=chunk)
+                                  chunk_elements=chunk, impl=cfg["impl"])
                     m.to(dev)
                     dl = dgms_layers(m)
                     codes0 = {n: layer.weight_quantizer.codes(layer.weight) for n, layer in dl.items()}
@@ -1491,7 +1695,7 @@ def _run_dgms(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | 
         "probe": probes, "histograms": hist, "trajectories": traj, "curves": curves,
         "compression": compression, "paper_numbers": None, "paper_numbers_note": PAPER_NUMBERS_NOTE,
         "wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
-        "torch_threads": torch.get_num_threads(), "chunk_elements": chunk,
+        "torch_threads": torch.get_num_threads(), "chunk_elements": chunk, "soft_impl": _impl_record(cfg["impl"], dev),
     }
     metrics["claims"] = check_claims(metrics)
     metrics["key_metric"] = _key_metric(metrics)
@@ -1809,12 +2013,14 @@ def findings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 __all__ = [
-    "BASELINES", "BestTestSelection", "MixtureTrajectory", "OneCycle", "VARIANTS", "boundary_probe", "check_claims",
-    "claims_table", "compression_table", "findings", "fp32_model", "hard_argmax_mode", "hardness_table", "kmeans_share",
-    "load_dgms_data", "recalibrate_bn", "results_table", "run_dgms", "shared_layer_names", "shared_model_bytes",
-    "soft_eval", "soft_hard_curves", "summarize_runs", "variant_roles",
-    "CHUNK_ELEMENTS", "DGMSWeight", "EPS", "EXPORT_FORMAT", "KMEANS_DESCRIPTION", "SIGMA_MIN", "TAU_INIT",
-    "TAU_MIN", "bits_of", "check_num_components", "compression_report", "dgms_layers", "dgms_skip",
-    "export_hard", "hard_codes", "hard_weights", "import_hard", "init_mixture", "kmeans_1d", "pack_codes",
-    "package_nbytes", "quantize_dgms", "soft_assignment", "soft_weights", "storage_bits", "unpack_codes",
+    "BASELINES", "BestTestSelection", "CIFAR10_PART", "MixtureTrajectory", "OneCycle", "VARIANTS", "boundary_probe",
+    "check_claims", "claims_table", "compression_table", "experiment_parts", "findings", "fp32_model",
+    "hard_argmax_mode", "hardness_table", "kmeans_share", "load_dgms_data", "recalibrate_bn", "results_table",
+    "run_dgms", "shared_layer_names", "shared_model_bytes", "soft_eval", "soft_hard_curves", "summarize_runs",
+    "variant_roles", "CHUNK_ELEMENTS", "DGMSWeight", "EPS", "EXPORT_FORMAT", "KMEANS_DESCRIPTION", "SIGMA_MIN",
+    "TAU_INIT", "TAU_MIN", "bits_of", "check_num_components", "compression_report", "dgms_layers", "dgms_skip",
+    "export_hard", "hard_codes", "hard_weights", "import_hard", "init_mixture", "native_cache_dir",
+    "native_status", "kmeans_1d",
+    "pack_codes", "package_nbytes", "quantize_dgms", "soft_assignment", "soft_weights", "storage_bits",
+    "unpack_codes",
 ]
