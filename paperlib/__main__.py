@@ -1,4 +1,4 @@
-"""Command line: ``python -m paperlib reproduce | figures | levene | lab``."""
+"""Command line: ``python -m paperlib reproduce | figures | levene | lab | train``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train_cli import main as train_main
+
+    return train_main(args=args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paperlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lab", help="start JupyterLab on localhost with the project's kernel")
     p.add_argument("extra", nargs="*")
     p.set_defaults(func=_lab)
+    from .train_cli import build_parser
+
+    p = sub.add_parser("train", help="train one method (torchrun --nproc_per_node=N -m paperlib train ... for DDP)")
+    build_parser(p)
+    p.set_defaults(func=_train)
     args = parser.parse_args(argv)
     return args.func(args)
 

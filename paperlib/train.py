@@ -6,6 +6,13 @@ iterable of ``(x, y)`` batches (a ``DataLoader`` for large image folders). Paper
 constraint term and acts at the end of an epoch). Every epoch is checkpointed atomically with model,
 optimizer, scheduler, callback and RNG state, so ``resume=True`` ends with the same metrics as an
 uninterrupted run.
+
+Under ``torchrun`` (a process group of several processes, :mod:`paperlib.distributed`) ``fit`` trains with
+``DistributedDataParallel``: each rank takes its contiguous shard of every global batch of the same seeded
+permutation (``config.batch_size`` is the global batch, as in a single process), the gradients are averaged with
+per-rank weights ``n_rank * W / n_global`` (= the gradient of the global-batch mean loss), BN buffers are
+synchronised from rank 0 at every epoch end, the test set is evaluated in shards whose logits are all-gathered,
+and only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -146,10 +153,62 @@ def evaluate(model: nn.Module, data: InMemoryData | Iterable, num_classes: int |
              batch_size: int = 512, device: torch.device | None = None) -> dict[str, Any]:
     """:func:`paperlib.metrics.classification_report` of ``model`` on ``data`` plus the mean CE loss."""
     logits, labels = predict(model, data, batch_size, device)
-    k = num_classes or (data.num_classes if isinstance(data, InMemoryData) else logits.shape[1])
+    return _report(logits, labels, num_classes or (data.num_classes if isinstance(data, InMemoryData)
+                                                    else logits.shape[1]))
+
+
+def _report(logits: Tensor, labels: Tensor, k: int) -> dict[str, Any]:
     report = classification_report(logits, labels, k)
     report["loss"] = float(F.cross_entropy(logits, labels))
     return report
+
+
+def _evaluate_sharded(model: nn.Module, data: InMemoryData | Iterable, batch_size: int,
+                      device: torch.device) -> dict[str, Any]:
+    """:func:`evaluate` under DDP: every rank predicts its contiguous shard of an :class:`InMemoryData`, the
+    logits and labels are all-gathered in rank order, and every rank computes the same report (an iterable,
+    or a test set smaller than the number of ranks, is evaluated whole on every rank)."""
+    from . import distributed as pdist
+    from .data.tensors import shard_bounds
+
+    w = pdist.world_size()
+    if not isinstance(data, InMemoryData) or len(data) < w:
+        return evaluate(model, data, batch_size=batch_size, device=device)
+    start, stop = shard_bounds(len(data), w, pdist.rank())
+    logits, labels = predict(model, data.subset(slice(start, stop)), batch_size, device)
+    logits, _ = pdist.all_gather_cat(logits)
+    labels, _ = pdist.all_gather_cat(labels)
+    return _report(logits, labels, data.num_classes)
+
+
+class _CriterionModule(nn.Module):
+    """``forward(x, y) = criterion(model, x, y)``: what DDP wraps, so every criterion (one that calls
+    ``model.forward_features`` and ``model.fc`` too) runs inside DDP's forward and its gradients are reduced."""
+
+    def __init__(self, model: nn.Module, criterion: Criterion) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_criterion", criterion)  # not a submodule: its parameters are not the model's
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._criterion(self.model, x, y)
+
+
+def _use_ddp(distributed: bool | None) -> bool:
+    import torch.distributed as dist
+
+    up = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if up:  # not within paperlib.distributed.local_only()
+        from .distributed import is_distributed
+
+        up = is_distributed()
+    if distributed is None:
+        return up
+    if distributed and not up:
+        raise RuntimeError("fit(distributed=True) needs a process group of more than one process: launch with "
+                           "`torchrun --nproc_per_node=N ...` and call paperlib.distributed.init_distributed() "
+                           "first (or leave distributed=None)")
+    return bool(distributed)
 
 
 def _rng_state(loader: Any) -> dict[str, Any]:
@@ -234,6 +293,8 @@ def fit(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    distributed: bool | None = None,
+    find_unused_parameters: bool = False,
 ) -> TrainResult:
     """Train ``model`` and evaluate it on ``test`` after every ``eval_every`` epochs.
 
@@ -241,11 +302,39 @@ def fit(
     with random crop + flip when ``config.augment``) or any iterable of batches. With ``checkpoint`` the
     state is saved after every epoch; ``resume=True`` continues from it. A NaN/inf loss raises
     :class:`TrainingDiverged` naming the epoch and batch, before the epoch is checkpointed.
+
+    ``distributed``: ``None`` (default) trains with ``DistributedDataParallel`` exactly when a process group
+    of more than one process is up (see the module docstring; an :class:`InMemoryData` is sharded per global
+    batch, an iterable ``train`` must already yield this rank's batches, e.g. with a ``DistributedSampler``);
+    ``False`` trains this process alone. ``find_unused_parameters`` is DDP's option, for models with
+    parameters that get no gradient in some steps. Callbacks receive the unwrapped model and this rank's
+    ``x, y``; the ClimbQ/CBP hooks need their global versions (:mod:`paperlib.distributed`).
     """
+    ddp = _use_ddp(distributed)
+    kwargs = dict(criterion=criterion, callbacks=callbacks, optimizer=optimizer, device=device, checkpoint=checkpoint,
+                  resume=resume, progress=progress, ddp=ddp, find_unused_parameters=find_unused_parameters)
+    if not ddp and _use_ddp(None):  # one rank trains alone inside a process group: no collectives anywhere
+        from .distributed import local_only
+
+        with local_only():
+            return _fit(model, train, test, config, **kwargs)
+    return _fit(model, train, test, config, **kwargs)
+
+
+def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | Iterable | None,
+         config: TrainConfig | None, *, criterion: Criterion, callbacks: Sequence[Callback],
+         optimizer: torch.optim.Optimizer | None, device: str | torch.device | None, checkpoint: str | Path | None,
+         resume: bool, progress: bool | None, ddp: bool, find_unused_parameters: bool) -> TrainResult:
     from .data.augment import RandomCropFlip
 
     cfg = config or TrainConfig()
     dev = resolve_device(device)
+    rank, world = 0, 1
+    if ddp:
+        from . import distributed as pdist
+
+        pdist.check_global_hooks(criterion, callbacks)
+        rank, world = pdist.rank(), pdist.world_size()
     seed_everything(cfg.seed, device=dev)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     model.to(dev, memory_format=memory_format)
@@ -254,7 +343,8 @@ def fit(
         if len(train) == 0:
             raise ValueError("the training set is empty: check the data split or subset")
         loader: Any = TensorLoader(train.to(dev), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                   augment=RandomCropFlip(fill=train.normalized_value(0.0)) if cfg.augment else None)
+                                   augment=RandomCropFlip(fill=train.normalized_value(0.0)) if cfg.augment else None,
+                                   shard=(rank, world) if ddp else None)
     else:
         loader = train
     test_data = test.to(dev) if isinstance(test, InMemoryData) else test
@@ -274,7 +364,16 @@ def fit(
         start_epoch = state["epoch"] + 1
     for cb in callbacks:
         cb.on_train_start(model, opt)
-    show = show_progress() if progress is None else progress
+    step_module: nn.Module | None = None
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        pdist.install_global_lsq_init(model)
+        step_module = DistributedDataParallel(_CriterionModule(model, criterion),
+                                              device_ids=[dev.index] if dev.type == "cuda" else None,
+                                              find_unused_parameters=find_unused_parameters)
+    sharded = isinstance(loader, TensorLoader) and loader.shard is not None
+    show = (show_progress() if progress is None else progress) and rank == 0
     from tqdm import tqdm
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc="epochs", disable=not show, leave=False)
@@ -288,10 +387,18 @@ def fit(
             y = y.to(dev, non_blocking=True)
             for cb in callbacks:
                 cb.before_batch(model, x, y)
-            with autocast():
-                loss = criterion(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if step_module is None:
+                with autocast():
+                    loss = criterion(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                with autocast():
+                    loss = step_module(x, y)
+                opt.zero_grad(set_to_none=True)
+                n_glob: Any = loader.global_batch_size(i) if sharded else pdist.all_reduce(
+                    torch.tensor(float(y.shape[0]), device=dev), "sum")
+                (loss * (y.shape[0] * world / n_glob)).backward()  # DDP averages: size-weighted mean
             for cb in callbacks:
                 cb.after_backward(model)
             opt.step()
@@ -301,6 +408,14 @@ def fit(
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(d), i, first_bad)
             loss_sum += d.double() * y.shape[0]
             n_seen += y.shape[0]
+        if ddp:
+            big = torch.iinfo(torch.long).max
+            red = torch.stack([loss_sum, torch.tensor(float(n_seen), device=dev, dtype=torch.float64)])
+            pdist.all_reduce(red, "sum")
+            loss_sum, n_seen = red[0], int(red[1])
+            first_bad = pdist.all_reduce(torch.where(first_bad < 0, big, first_bad), "min")
+            first_bad = torch.where(first_bad == big, -1, first_bad)
+            pdist.broadcast_buffers(model)  # one model on every rank: rank 0's BN running statistics
         bad = int(first_bad)
         if bad >= 0:
             raise TrainingDiverged(
@@ -316,18 +431,21 @@ def fit(
         for cb in callbacks:
             cb.on_epoch_end(epoch, stats)
         if test_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            rep = evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev)
+            rep = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev) if ddp else
+                   evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev))
             stats.update(test_top1=rep["top1"], test_balanced_accuracy=rep["balanced_accuracy"],
                          test_loss=rep["loss"])
             if not math.isfinite(rep["loss"]):
                 stats["test_loss"] = None
         result.history.append(stats)
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": None if sched is None else sched.state_dict(), "callbacks": _callback_states(callbacks),
                 "rng": _rng_state(loader), "history": result.history, "config": asdict(cfg),
             })
     if test_data is not None:
-        result.final = evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev)
+        result.final = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev) if ddp else
+                        evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev))
+    del step_module  # releases DDP's gradient hooks on the model's parameters
     return result

@@ -31,6 +31,16 @@ def resolve_device(device: DeviceLike) -> torch.device:
     return _resolve_device(device, default="cpu")
 
 
+def shard_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of rank ``rank``'s contiguous shard of ``n`` items (``torch.tensor_split`` sizes: the
+    first ``n % world`` ranks get one more)."""
+    if world < 1 or not 0 <= rank < world:
+        raise DataError(f"rank {rank} of world size {world}: need 0 <= rank < world_size")
+    q, rem = divmod(n, world)
+    start = rank * q + min(rank, rem)
+    return start, start + q + (1 if rank < rem else 0)
+
+
 def check_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[tuple[float, ...], ...]:
     """Validate per-channel normalisation constants; a single value is repeated over ``channels``.
 
@@ -232,6 +242,12 @@ class TensorLoader:
     ``state_dict()`` with the checkpoint at an epoch boundary; after ``load_state_dict`` the next pass yields
     exactly the batches the uninterrupted run would have. Batches without augmentation may be views of
     ``data.x``: do not modify them in place.
+
+    ``shard=(rank, world_size)`` (data-parallel training, :mod:`paperlib.distributed`): every rank draws the
+    same permutation and augmentation of the *global* batch of ``batch_size`` samples (the single-process
+    batch) and yields its contiguous part (:func:`shard_bounds`; sizes differ by at most one). A last batch
+    with fewer samples than ranks is skipped on every rank (no rank may get an empty batch).
+    :meth:`global_batch_size` gives the size of the global batch ``b``.
     """
 
     def __init__(
@@ -242,6 +258,7 @@ class TensorLoader:
         augment: Augment | None = None,
         drop_last: bool = False,
         seed: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(data, InMemoryData):
             raise DataTypeError(f"data must be an InMemoryData, got {type(data).__name__}")
@@ -258,6 +275,17 @@ class TensorLoader:
                 f"drop_last=True with batch_size={batch_size} > {len(data)} samples yields no batch; "
                 f"lower batch_size or set drop_last=False"
             )
+        if shard is not None:
+            if (not isinstance(shard, tuple | list) or len(shard) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in shard)):
+                raise DataTypeError(f"shard must be (rank, world_size) ints or None, got {shard!r}")
+            if shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+                raise DataError(f"shard={tuple(shard)}: need 0 <= rank < world_size")
+            if batch_size < shard[1]:
+                raise DataError(f"batch_size={batch_size} is the global batch and must be >= the number of "
+                                f"processes ({shard[1]}); raise batch_size or start fewer processes")
+            shard = (int(shard[0]), int(shard[1]))
+        self.shard = shard
         self.data = data
         self.batch_size = batch_size
         self.shuffle = bool(shuffle)
@@ -267,9 +295,19 @@ class TensorLoader:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
 
-    def __len__(self) -> int:
+    def _num_global(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def global_batch_size(self, b: int) -> int:
+        """Number of samples in global batch ``b`` (all shards together)."""
+        return max(0, min(self.batch_size, len(self.data) - b * self.batch_size))
+
+    def __len__(self) -> int:
+        nb = self._num_global()
+        if self.shard is not None and nb and self.global_batch_size(nb - 1) < self.shard[1]:
+            nb -= 1
+        return nb
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         x_all, y_all = self.data.x, self.data.y
@@ -278,14 +316,22 @@ class TensorLoader:
             order = torch.randperm(len(self.data), generator=self.generator).to(x_all.device)
         bs = self.batch_size
         for b in range(len(self)):
+            lo, hi = b * bs, min((b + 1) * bs, len(self.data))
+            part = slice(None)
+            if self.shard is not None:
+                start, stop = shard_bounds(hi - lo, self.shard[1], self.shard[0])
+                part = slice(start, stop)
+                if self.augment is None:  # only this rank's rows are gathered
+                    lo, hi = lo + start, lo + stop
+                    part = slice(None)
             if order is None:
-                x, y = x_all[b * bs : (b + 1) * bs], y_all[b * bs : (b + 1) * bs]
+                x, y = x_all[lo:hi], y_all[lo:hi]
             else:
-                idx = order[b * bs : (b + 1) * bs]
+                idx = order[lo:hi]
                 x, y = x_all[idx], y_all[idx]
-            if self.augment is not None:
+            if self.augment is not None:  # the whole global batch: the same draws as a single process
                 x = self.augment(x, self.generator)
-            yield x, y
+            yield (x, y) if self.shard is None else (x[part], y[part])
 
     def state_dict(self) -> dict[str, object]:
         """The generator state (and the seed, for the record)."""
