@@ -147,12 +147,21 @@ def step_cases() -> dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module,
             "torch.ao QAT 8-bit (peer)": torch_ao}
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 128) -> list[dict[str, Any]]:
+    """Every case's step is timed once per round, round after round (interleaved), so a slow spell of the
+    machine hits every method alike; each time is the median over ``reps`` rounds after two warm-up steps."""
     rows = []
     for size in sizes:
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        times: dict[str, float] = {}
+        steps: dict[str, Callable[[], None]] = {}
         for name, build in step_cases().items():
             try:
                 model, loss_fn = build()
@@ -167,8 +176,15 @@ def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 
                 loss_fn(model, x, y).backward()
                 opt.step()
 
-            t = median_time(step, device, reps)
-            times[name] = t
+            for _ in range(2):
+                step()
+            steps[name] = step
+        samples: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(reps):
+            for name, step in steps.items():
+                samples[name].append(_timed(step, device))
+        times = {name: statistics.median(v) for name, v in samples.items()}
+        for name, t in times.items():
             base = times.get(BASELINE.get(name, "FP32"))
             ratio = t / base if base else float("nan")
             target = TARGETS.get(name)
@@ -399,7 +415,9 @@ def machine(device: torch.device) -> dict[str, Any]:
 def to_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"# Benchmarks\n\nMachine: {m['cpus']} CPUs, torch {m['torch']}, device {m['device']}"
-             + (f" ({m['gpu']})" if "gpu" in m else "") + f"; median of {results['reps']} reps after warm-up.\n",
+             + (f" ({m['gpu']})" if "gpu" in m else "") + f"; median of {results['reps']} reps after warm-up"
+             + (f" ({results['reps_steps']} interleaved rounds for the train steps)" if "reps_steps" in results else "")
+             + ".\n",
              "## Train step of ResNet-20 (batch 128) relative to FP32\n",
              "| input | method | ms/step | × FP32 | target | met |", "|---|---|---|---|---|---|"]
     for r in results["steps"]:
@@ -418,8 +436,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         for r in results["dgms_memory"]:
             lines.append(f"| {r['case']} | {r['batch']} | {r['step_ms']} | {r['peak_mb']} | {r['one_Kxw_mb'] or ''} |")
         if results["machine"]["device"] == "cpu":
-            lines.append("\nOn CPU the peak is the growth of the process's peak RSS (a lower bound); on CUDA it is "
-                         "the allocator's peak above the memory already allocated.")
+            lines.append("\nOn CPU the peak is the growth of the peak RSS of a fresh process per case during one step; "
+                         "on CUDA it is the allocator's peak above the memory already allocated.")
     if results.get("gpu_fit"):
         lines += ["", "## GPU path: `fit` throughput, ResNet-20 32x32, batch 128, data on the GPU\n",
                   "| variant | images/s |", "|---|---|"]
