@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from .device import cpu_threads
 from .presets import register_presets
 from .quant.core import QuantConv2d, QuantLinear, quantize_model
+from .train import Callback
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Quantization sets (spec §1.2)
@@ -1143,7 +1144,7 @@ class PeriodLoader:
         self.pos = int(state["pos"])
 
 
-class CBPMonitor:
+class CBPMonitor(Callback):
     """Callback next to :class:`CBP` (after it in ``callbacks``): checks spec §4 per period.
 
     Logs ``cbp_lambda_monotone`` (every λ >= its value at the previous period and >= 0, per element),
@@ -1160,15 +1161,6 @@ class CBPMonitor:
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.prev is None:
             self.prev = torch.cat([lam.detach().reshape(-1) for lam in self.cbp.lambdas])
-
-    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        pass
-
-    def after_backward(self, model: nn.Module) -> None:
-        pass
-
-    def after_step(self, model: nn.Module) -> None:
-        pass
 
     @torch.no_grad()
     def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
