@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .data.long_tail import check_class_counts
 from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
+from .quant import native as _native
 from .quant.uniform import uniform_quantize
 
 FULL_PRECISION = 32
@@ -34,7 +35,8 @@ Base = Literal["bce", "ce"]
 
 __all__ = [
     "ClimbQActivation", "ClimbQWeight", "HomoVarLoss", "HomoVarStep", "batch_sigma", "class_balanced_weights",
-    "homovar_beta", "homovar_loss", "quantize_activation", "quantize_weight", "set_sigma",
+    "homovar_beta", "homovar_loss", "homovar_weighted_loss", "quantize_activation", "quantize_weight",
+    "quantize_weights", "set_sigma",
 ]
 
 
@@ -107,6 +109,75 @@ class _ClimbQWeightFn(torch.autograd.Function):
         return gw.mul_(rec.mul(_c(2 * _INV_SQRT_2PI, rec))), None
 
 
+class _ClimbQWeightGroupFn(torch.autograd.Function):
+    """:class:`_ClimbQWeightFn` for several tensors at once: one autograd node, the elementwise work on one
+    flat buffer. Each tensor keeps its own mean and std (computed as the per-tensor path does), so the values
+    are those of ``quantize_weight`` per tensor and the gradients its gradients (same ops, per segment)."""
+
+    @staticmethod
+    def forward(ctx, n: int, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
+        a, recs, sizes = _standardized_flat(ws)
+        out = _levels_from_erf(torch.div(a, _c(_SQRT2, a)).erf_(), n)
+        ctx.a, ctx.recs, ctx.sizes = a, recs, sizes
+        ctx.set_materialize_grads(False)
+        return tuple(o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
+        _no_double_backward()
+        a, recs, sizes = ctx.a, ctx.recs, ctx.sizes
+        g = torch.cat([a.new_zeros(k) if gi is None else gi.reshape(-1) for gi, k in zip(grads, sizes, strict=True)])
+        h = torch.square(a).mul_(_c(-0.5, a)).exp_().mul_(g)  # sqrt(2 pi) phi(a) g
+        out: list[Tensor | None] = [None]
+        for hs, seg, rec, k, gi in zip(h.split(sizes), a.split(sizes), recs, sizes, grads, strict=True):
+            dot = torch.dot(hs, seg)
+            hs.sub_(hs.mean()).addcmul_(seg, dot, value=-1 / (k - 1)).mul_(rec.mul(_c(2 * _INV_SQRT_2PI, rec)))
+            out.append(None if gi is None else hs.view_as(gi))
+        return tuple(out)
+
+
+def _standardized_flat(ws: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[int]]:
+    """``(w - mean w) / std w`` of each tensor (as ``_ClimbQWeightFn`` computes it), concatenated flat; the
+    reciprocal stds; the sizes."""
+    sizes = [w.numel() for w in ws]
+    a = torch.cat([w.detach().reshape(-1) for w in ws])
+    recs = []
+    for w, seg in zip(ws, a.split(sizes), strict=True):
+        w = w.detach()
+        rec = w.std().reciprocal()
+        seg.sub_(w.mean()).mul_(rec)
+        recs.append(rec)
+    return a, recs, sizes
+
+
+def quantize_weights(ws: Sequence[Tensor], bits: int, *, native: bool | None = None) -> list[Tensor]:
+    """:func:`quantize_weight` of each tensor in ``ws`` in one pass (one mean and std per tensor): one autograd
+    node for all of them. Used by the model's one-pass hook (:func:`paperlib.quant.core.set_one_pass`); the
+    tensors must share dtype and device. On CPU the native kernel takes them all in one call (``native``: see
+    :func:`quantize_weight`); elsewhere the torch path works on one flat buffer (same values as per tensor)."""
+    bits = _check_bits(bits)
+    if bits == FULL_PRECISION:
+        return list(ws)
+    ws = list(ws)
+    if not ws:
+        return []
+    bad = [tuple(w.shape) for w in ws if w.numel() < 2]
+    if bad:
+        raise ValueError(f"quantize_weights needs at least 2 weights per tensor for the std, got shapes {bad}")
+    if len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].dtype not in _FUSED_DTYPES:
+        raise ValueError("quantize_weights needs float32 or float64 tensors of one dtype on one device; "
+                         "quantize others one by one with quantize_weight")
+    if _native.use_native(native, *ws):
+        return _native.climbq_weights(ws, bits)
+    n = 2**bits - 1
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return list(_ClimbQWeightGroupFn.apply(n, *ws))
+    with torch.no_grad():
+        a, _, sizes = _standardized_flat(ws)
+        out = _levels_from_erf(a.div_(_c(_SQRT2, a)).erf_(), n)
+        return [o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True)]
+
+
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise RuntimeError("the fused ClimbQ quantizers are differentiable once; for a double backward "
@@ -152,7 +223,7 @@ def _act_grad_coefs(rec: Tensor, act_range: float) -> tuple[Tensor, Tensor]:
     return expo, coef
 
 
-def quantize_weight(w: Tensor, bits: int, *, fused: bool = True) -> Tensor:
+def quantize_weight(w: Tensor, bits: int, *, fused: bool = True, native: bool | None = None) -> Tensor:
     """ClimbQ weight quantizer (§1.1, ``weight_quantize_fn``): ``2 U_k(Phi((w - mean w) / std w)) - 1``.
 
     One mean and unbiased std over the whole tensor, kept in the autograd graph, so the gradient is
@@ -161,13 +232,20 @@ def quantize_weight(w: Tensor, bits: int, *, fused: bool = True) -> Tensor:
 
     ``fused=True`` (default) computes float32/float64 tensors in place with an analytic backward: the same
     values bit for bit and the same gradient (to rounding) as ``fused=False``, the plain autograd graph.
+    ``native=None`` (default) uses the native CPU kernel (:mod:`paperlib.quant.native`) for contiguous CPU
+    float32/float64 tensors: exact levels, so it can differ from the torch path's erf where ``Phi(a) n`` lies
+    within ~1e-6 of a level boundary; ``native=False`` keeps the torch path, ``True`` insists on the kernel.
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
         return w
     if w.numel() < 2:
         raise ValueError(f"quantize_weight needs at least 2 weights for the std, got shape {tuple(w.shape)}")
+    if native and not fused:
+        raise ValueError("native=True is the fused path's kernel; fused=False is the plain autograd reference")
     n = 2**bits - 1
+    if fused and _native.use_native(native, w):
+        return _native.climbq_weights([w], bits)[0]
     if fused and w.dtype in _FUSED_DTYPES:
         if w.requires_grad and torch.is_grad_enabled():
             return _ClimbQWeightFn.apply(w, n)
@@ -211,7 +289,8 @@ def _reciprocal(sigma: Tensor | float, x: Tensor) -> Tensor:
 
 
 def quantize_activation(
-    x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0, *, fused: bool = True
+    x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0, *, fused: bool = True,
+    native: bool | None = None,
 ) -> Tensor:
     """ClimbQ activation quantizer (§1.1, ``activation_quantize_fn``): ``R (2 U_k(Phi(x / sigma)) - 1)``.
 
@@ -221,14 +300,21 @@ def quantize_activation(
 
     ``fused=True`` (default) computes float32/float64 tensors in place and saves only ``x`` for an analytic
     backward: the same values bit for bit and the same gradient (to rounding) as ``fused=False``.
+    ``native``: as in :func:`quantize_weight` (the kernel for contiguous CPU float32/float64 inputs).
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
         return x
     if not isinstance(sigma, Tensor) and not sigma > 0:
         raise ValueError(f"sigma={sigma} must be > 0")
+    if native and not fused:
+        raise ValueError("native=True is the fused path's kernel; fused=False is the plain autograd reference")
+    if native:
+        _native.use_native(True, x)  # raises, saying why, when the kernel cannot take x
     if fused and x.dtype in _FUSED_DTYPES:
         rec, n = _reciprocal(sigma, x), 2**bits - 1
+        if _native.use_native(native, x, rec):
+            return _native.climbq_activation(x, rec, bits, float(act_range))
         if x.requires_grad and torch.is_grad_enabled():
             return _ClimbQActFn.apply(x, rec, n, float(act_range))
         with torch.no_grad():
@@ -301,18 +387,34 @@ def batch_sigma(
 class ClimbQWeight(nn.Module):
     """Weight quantizer module around :func:`quantize_weight`; use with ``quantize_model(weight=...)``.
 
-    ``fused=False`` uses the plain autograd reference path (same values, slower)."""
+    ``fused=False`` uses the plain autograd reference path (same values, slower); ``native`` as in
+    :func:`quantize_weight`."""
 
-    def __init__(self, bits: int, *, fused: bool = True) -> None:
+    def __init__(self, bits: int, *, fused: bool = True, native: bool | None = None) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
         self.fused = bool(fused)
+        if native and not fused:
+            raise ValueError("native=True needs fused=True (the kernel is the fused path's)")
+        self.native = native
 
     def forward(self, w: Tensor) -> Tensor:
-        return quantize_weight(w, self.bits, fused=self.fused)
+        return quantize_weight(w, self.bits, fused=self.fused, native=self.native)
+
+    def group_key(self, w: Tensor) -> tuple | None:
+        """Weights of one dtype and device quantize together (:func:`quantize_weights`); None: one by one."""
+        if not self.fused or self.bits == FULL_PRECISION or w.dtype not in _FUSED_DTYPES or w.numel() < 2:
+            return None
+        return (self.bits, w.dtype, w.device, self.native)
+
+    @staticmethod
+    def quantize_group(ws: Sequence[Tensor], quantizers: Sequence[ClimbQWeight]) -> list[Tensor]:
+        """The one-pass form of ``forward`` for layers whose ``group_key`` agree."""
+        return quantize_weights(ws, quantizers[0].bits, native=quantizers[0].native)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}" + ("" if self.fused else ", fused=False")
+        return (f"bits={self.bits}" + ("" if self.fused else ", fused=False")
+                + ("" if self.native is None else f", native={self.native}"))
 
 
 class ClimbQActivation(nn.Module):
@@ -321,10 +423,12 @@ class ClimbQActivation(nn.Module):
     In training mode it uses the per-sample sigma last given by :func:`set_sigma` (sigma = 2 if none was
     set, i.e. ``scaling="none"``); in eval mode it always uses ``eval_sigma`` (2, as in the CIFAR/SynDigits
     code; ``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet eval quirk ``p=[1]``, §1.2, §5.2).
-    ``fused=False`` uses the plain autograd reference path (same values, slower).
+    ``fused=False`` uses the plain autograd reference path (same values, slower); ``native`` as in
+    :func:`quantize_activation`.
     """
 
-    def __init__(self, bits: int, act_range: float = 2.0, eval_sigma: float = 2.0, *, fused: bool = True) -> None:
+    def __init__(self, bits: int, act_range: float = 2.0, eval_sigma: float = 2.0, *, fused: bool = True,
+                 native: bool | None = None) -> None:
         super().__init__()
         self.bits = _check_bits(bits)
         if not act_range > 0 or not eval_sigma > 0:
@@ -332,6 +436,9 @@ class ClimbQActivation(nn.Module):
         self.act_range = float(act_range)
         self.eval_sigma = float(eval_sigma)
         self.fused = bool(fused)
+        if native and not fused:
+            raise ValueError("native=True needs fused=True (the kernel is the fused path's)")
+        self.native = native
         self.sigma: Tensor | float | None = None  # per-batch state set by set_sigma, not a parameter
 
     def forward(self, x: Tensor) -> Tensor:
@@ -339,11 +446,11 @@ class ClimbQActivation(nn.Module):
             sigma: Tensor | float = self.eval_sigma
         else:
             sigma = 2.0 if self.sigma is None else self.sigma
-        return quantize_activation(x, self.bits, sigma, self.act_range, fused=self.fused)
+        return quantize_activation(x, self.bits, sigma, self.act_range, fused=self.fused, native=self.native)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, act_range={self.act_range}, eval_sigma={self.eval_sigma}"
-                + ("" if self.fused else ", fused=False"))
+                + ("" if self.fused else ", fused=False") + ("" if self.native is None else f", native={self.native}"))
 
 
 def set_sigma(model: nn.Module, sigma: Tensor | float | None) -> int:
@@ -436,8 +543,10 @@ def _check_homovar_inputs(logits: Tensor, labels: Tensor, features: Tensor, alph
     return labels.long(), features.flatten(1)
 
 
-def _weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base) -> Tensor:
-    """§1.4 step 9: ``1/(BK) sum_{i,k} w_{y_i} BCE(softmax_ik, 1[y_i = k])`` or ``mean_i w_{y_i} CE_i``."""
+def homovar_weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base = "bce") -> Tensor:
+    """§1.4 step 9 with given per-class weights ``w`` [K]: ``1/(BK) sum_{i,k} w_{y_i} BCE(softmax_ik,
+    1[y_i = k])`` (``base="bce"``, the original) or ``mean_i w_{y_i} CE_i`` (``"ce"``). The weights are taken
+    as constants (the original detaches them); ``HomoVarStep.weights`` holds the ones HomoVar chose."""
     w_i = w.to(device=logits.device, dtype=logits.dtype)[labels]
     if base == "ce":
         return (w_i * F.cross_entropy(logits, labels, reduction="none")).mean()
@@ -446,6 +555,7 @@ def _weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base) -> Ten
         target = F.one_hot(labels, logits.shape[1]).to(probs.dtype)
         weight = w_i.to(probs.dtype)[:, None].expand_as(probs)
         return F.binary_cross_entropy(probs, target, weight=weight).to(logits.dtype)
+
 
 
 def _homovar(
@@ -471,7 +581,7 @@ def _homovar(
     step = HomoVarStep(counts=bounds.counts, n_lb=bounds.n_lb, n_ub=bounds.n_ub, beta=b, weights=w,
                        out_of_bounds=out, fraction_out=out.double().mean(), W=bounds.W, bounds=bounds,
                        classes=torch.arange(k, device=z.device))
-    return _weighted_loss(logits, y, w, base), step
+    return homovar_weighted_loss(logits, y, w, base), step
 
 
 def _homovar_batch(logits: Tensor, y: Tensor, feats: Tensor, k: int, alpha: float, beta: float, base: Base,
@@ -503,7 +613,7 @@ def _homovar_batch(logits: Tensor, y: Tensor, feats: Tensor, k: int, alpha: floa
     out = (b_all < n_lb) | (b_all > n_ub)
     step = HomoVarStep(counts=b_all, n_lb=n_lb, n_ub=n_ub, beta=b_full, weights=w, out_of_bounds=out,
                        fraction_out=out[classes].double().mean(), W=w_stat, bounds=bounds, classes=classes)
-    return _weighted_loss(logits, y, w, base), step
+    return homovar_weighted_loss(logits, y, w, base), step
 
 
 def homovar_loss(

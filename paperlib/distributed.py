@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .climbq import _weighted_loss, batch_sigma, set_sigma
+from .climbq import batch_sigma, homovar_weighted_loss, set_sigma
 from .climbq_experiment import HomoVarCriterion, SigmaScaling
 from .data.tensors import shard_bounds
 from .device import DeviceLike, resolve_device
@@ -341,7 +341,7 @@ class GlobalHomoVarLoss(nn.Module):
         f_all, _ = all_gather_cat(features.detach().flatten(1))
         z_all, _ = all_gather_cat(logits.detach())
         self.inner(z_all, y_all, f_all)  # the global statistics -> inner.last (its loss value is unused)
-        return _weighted_loss(logits, labels.long(), self.inner.last.weights, self.inner.base)
+        return homovar_weighted_loss(logits, labels.long(), self.inner.last.weights, self.inner.base)
 
 
 class GlobalHomoVarCriterion(HomoVarCriterion):

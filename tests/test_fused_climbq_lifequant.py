@@ -113,7 +113,7 @@ def test_climbq_weight_fused_is_bit_identical_with_the_same_gradient(dtype, bits
     gen = torch.Generator().manual_seed(bits)
     for shape in [(8,), (16, 3, 3, 3), (64, 32, 3, 3), (10, 64)]:
         w = (torch.randn(shape, generator=gen, dtype=dtype) * 0.05 + 0.01)
-        assert torch.equal(C.quantize_weight(w, bits), ref_climbq_weight(w, bits))
+        assert torch.equal(C.quantize_weight(w, bits, native=False), ref_climbq_weight(w, bits))
         assert torch.equal(C.quantize_weight(w, bits, fused=False), ref_climbq_weight(w, bits))
         g = torch.randn(shape, generator=gen, dtype=dtype)
         got = _grad(lambda v: C.quantize_weight(v, bits), w, g)
@@ -121,7 +121,7 @@ def test_climbq_weight_fused_is_bit_identical_with_the_same_gradient(dtype, bits
         tol = 1e-5 if dtype == torch.float32 else 1e-11
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
         with torch.no_grad():  # no-grad path: same values
-            assert torch.equal(C.quantize_weight(w.requires_grad_(), bits), ref_climbq_weight(w, bits))
+            assert torch.equal(C.quantize_weight(w.requires_grad_(), bits, native=False), ref_climbq_weight(w, bits))
 
 
 def test_climbq_weight_fused_gradient_matches_the_oracle_in_float64():
@@ -148,11 +148,11 @@ def test_climbq_activation_fused_is_bit_identical_with_the_same_gradient(dtype, 
     g = torch.randn(x.shape, generator=gen, dtype=dtype)
     for sigma in sigmas:
         want = ref_climbq_act(x, bits, sigma, act_range)
-        got = C.quantize_activation(x, bits, sigma, act_range)
+        got = C.quantize_activation(x, bits, sigma, act_range, native=False)
         assert torch.equal(got, want), (sigma, act_range)
         assert got.unique().numel() == 2**bits or bits > 6  # every level is reached
         gw = _grad(lambda v, s=sigma: ref_climbq_act(v, bits, s, act_range), x, g)
-        gf = _grad(lambda v, s=sigma: C.quantize_activation(v, bits, s, act_range), x, g)
+        gf = _grad(lambda v, s=sigma: C.quantize_activation(v, bits, s, act_range, native=False), x, g)
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(gf, gw, rtol=tol, atol=tol * gw.abs().max().item())
 
@@ -187,12 +187,13 @@ def test_scalar_constants_act_like_python_scalars():
 def test_climbq_modules_and_model_fused_equal_reference_path():
     torch.manual_seed(0)
     model = quantize_model(ResNetCifar(8, num_classes=3, in_channels=1, act_position="pre_relu"),
-                           weight=lambda _: C.ClimbQWeight(4), activation=lambda: C.ClimbQActivation(4), skip=[])
+                           weight=lambda _: C.ClimbQWeight(4, native=False),
+                           activation=lambda: C.ClimbQActivation(4, native=False), skip=[])
     ref = quantize_model(ResNetCifar(8, num_classes=3, in_channels=1, act_position="pre_relu"),
                          weight=lambda _: C.ClimbQWeight(4, fused=False),
                          activation=lambda: C.ClimbQActivation(4, fused=False), skip=[])
     ref.load_state_dict(model.state_dict())
-    assert "fused=False" in repr(ref) and "fused" not in repr(model)
+    assert "fused=False" in repr(ref) and "fused" not in repr(model) and "native=False" in repr(model)
     x, y = torch.randn(12, 1, 8, 8), torch.tensor([0, 0, 0, 1, 1, 2] * 2)
     for m in (model, ref):
         C.set_sigma(m, C.batch_sigma(y, 3))
@@ -270,10 +271,10 @@ def test_lifequant_weight_fused_is_bit_identical_with_the_same_gradient(dtype, b
     for shape in [(6,), (16, 3, 3, 3), (64, 32, 3, 3)]:
         w = torch.randn(shape, generator=gen, dtype=dtype) * 0.05
         want = ref_lq_weight(w, bits, std)
-        assert torch.equal(LQ.quantize_weight(w, bits, std=std), want)
+        assert torch.equal(LQ.quantize_weight(w, bits, std=std, native=False), want)
         assert torch.equal(LQ.quantize_weight(w, bits, std=std, fused=False), want)
         with torch.no_grad():
-            assert torch.equal(LQ.quantize_weight(w.clone().requires_grad_(), bits, std=std), want)
+            assert torch.equal(LQ.quantize_weight(w.clone().requires_grad_(), bits, std=std, native=False), want)
         g = torch.randn(shape, generator=gen, dtype=dtype)
         got = _grad(lambda v: LQ.quantize_weight(v, bits, std=std), w, g)
         ref = _grad(lambda v: ref_lq_weight(v, bits, std), w, g)
@@ -312,7 +313,7 @@ def test_lifequant_clamp_activation_fused_is_bit_identical_with_identical_gradie
 
 def test_lifequant_model_fused_equals_reference_path():
     torch.manual_seed(0)
-    model = LQ.quantize_lifequant(ResNetCifar(8, num_classes=3, in_channels=1), 4, 4)
+    model = LQ.quantize_lifequant(ResNetCifar(8, num_classes=3, in_channels=1), 4, 4, native=False)
     ref = LQ.quantize_lifequant(ResNetCifar(8, num_classes=3, in_channels=1), 4, 4, fused=False)
     ref.load_state_dict(model.state_dict())
     x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))

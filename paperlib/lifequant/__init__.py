@@ -75,6 +75,7 @@ from .quant import (
     quantize_k,
     quantize_lifequant,
     quantize_weight,
+    quantize_weights,
     standardize,
 )
 from .splits import (
@@ -108,7 +109,7 @@ __all__ = [
     "class_incremental_split", "class_order", "class_split", "domain_incremental_split",
     "domain_task_indices", "ewc_importance", "importance", "lifelong_metrics", "mas_importance",
     "method_importance", "normal_cdf", "prox_penalty", "qnoise_loss", "quantize_activation", "quantize_k",
-    "quantize_lifequant", "quantize_weight", "read_reweight", "replay_positions", "scale_vector",
+    "quantize_lifequant", "quantize_weight", "quantize_weights", "read_reweight", "replay_positions", "scale_vector",
     "scp_importance", "snapshot", "standardize", "task_indices", "write_class_incremental",
     "write_domain_incremental", "zero_importance",
 ]

@@ -26,12 +26,13 @@ development activation returned the unquantized CDF value ã in its 'align' stag
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..quant import native as _native
 from ..quant.core import quantize_model
 from ..quant.uniform import FULL_PRECISION, check_bits
 
@@ -215,6 +216,7 @@ def quantize_weight(
     *,
     std: float = SHIPPED_WEIGHT_STD,
     fused: bool = True,
+    native: bool | None = None,
 ) -> Tensor:
     """LifeQuant weight quantizer (spec §1.1, TV1); straight-through, identity at 32 bits.
 
@@ -225,7 +227,10 @@ def quantize_weight(
 
     ``fused=True`` (default) computes the shipped ``"standardize"`` quantizer (k >= 2, no clip) on
     float32/float64 in place with an analytic backward: the same values bit for bit and the same gradient
-    (to rounding) as ``fused=False``, the plain autograd graph.
+    (to rounding) as ``fused=False``, the plain autograd graph. ``native=None`` (default) runs that fused path
+    through the native CPU kernel (:mod:`paperlib.quant.native`) for contiguous CPU float32/float64 tensors: the
+    same ops on the same mean and std, which it sums in float64 (so a weight within an ulp of a rounding
+    boundary may land on the neighbouring level); ``False`` keeps the torch path, ``True`` insists on the kernel.
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     check_bits(bits)
@@ -234,12 +239,17 @@ def quantize_weight(
         raise ValueError(f"std={std!r} must be a positive number (0.5 shipped, 0.125 MobileNetV2-CIFAR)")
     if bits == FULL_PRECISION:
         return w
+    if native and (quantizer != "standardize" or bits == 1 or clip or not fused):
+        raise ValueError("native=True is the kernel of the fused shipped quantizer (quantizer='standardize', "
+                         "2 <= bits <= 8, clip=False, fused=True); pass native=None for the others")
     if quantizer == "standardize":
         if bits == 1:
             scale = w.abs().mean().detach()
             return quantize_k(w / scale, 1) * scale
         if fused and not clip and w.dtype in _FUSED_DTYPES:
             n = 2**bits - 1
+            if _native.use_native(native, w):
+                return _native.lifequant_weights([w], bits, float(std))[0]
             if w.requires_grad and torch.is_grad_enabled():
                 return _StandardizeQkFn.apply(w, n, float(std))
             with torch.no_grad():
@@ -254,6 +264,23 @@ def quantize_weight(
     if bits == 1:
         raise ValueError("quantizer='alignq' needs bits >= 2: at 1 bit 2·sign(Φ(w)) - 1 is +1 everywhere")
     return 2 * quantize_k(normal_cdf(w, w.mean(), w.std()), bits) - 1
+
+
+def quantize_weights(
+    ws: Sequence[Tensor], bits: int, *, std: float = SHIPPED_WEIGHT_STD, native: bool | None = None
+) -> list[Tensor]:
+    """The shipped ``"standardize"`` quantizer (k >= 2, no clip) of each tensor in ``ws`` in one pass: one
+    autograd node for all of them (the model's one-pass hook, :func:`paperlib.quant.core.set_one_pass`). On CPU
+    the native kernel takes them in one call; elsewhere each goes through :func:`quantize_weight`."""
+    check_bits(bits)
+    ws = list(ws)
+    if bits in (1, FULL_PRECISION):
+        raise ValueError(f"quantize_weights is the fused k-bit path (2 <= k <= 8), got bits={bits}")
+    for w in ws:
+        _check_tensor(w, "w", min_numel=2)
+    if ws and _native.use_native(native, *ws):
+        return _native.lifequant_weights(ws, bits, float(std))
+    return [quantize_weight(w, bits, std=std, native=False) for w in ws]
 
 
 def quantize_activation(
@@ -316,7 +343,7 @@ class LifeQuantWeight(nn.Module):
 
     def __init__(
         self, bits: int, quantizer: WeightQuantizer = "standardize", clip: bool = False,
-        std: float = SHIPPED_WEIGHT_STD, *, fused: bool = True,
+        std: float = SHIPPED_WEIGHT_STD, *, fused: bool = True, native: bool | None = None,
     ) -> None:
         super().__init__()
         self.bits = check_bits(bits)
@@ -324,13 +351,28 @@ class LifeQuantWeight(nn.Module):
         self.clip = bool(clip)
         self.std = std
         self.fused = bool(fused)
+        self.native = native
 
     def forward(self, w: Tensor) -> Tensor:
-        return quantize_weight(w, self.bits, self.quantizer, self.clip, std=self.std, fused=self.fused)
+        return quantize_weight(w, self.bits, self.quantizer, self.clip, std=self.std, fused=self.fused,
+                               native=self.native)
+
+    def group_key(self, w: Tensor) -> tuple | None:
+        """The shipped fused quantizer on CPU kernels groups by (bits, std, dtype); anything else: one by one."""
+        if (self.quantizer != "standardize" or self.clip or not self.fused or self.bits in (1, FULL_PRECISION)
+                or w.numel() < 2 or not _native.use_native(self.native, w)):
+            return None
+        return (self.bits, float(self.std), w.dtype)
+
+    @staticmethod
+    def quantize_group(ws: Sequence[Tensor], quantizers: Sequence[LifeQuantWeight]) -> list[Tensor]:
+        """The one-pass form of ``forward`` for layers whose ``group_key`` agree."""
+        q = quantizers[0]
+        return quantize_weights(ws, q.bits, std=q.std, native=q.native)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, quantizer={self.quantizer!r}, clip={self.clip}, std={self.std}"
-                + ("" if self.fused else ", fused=False"))
+                + ("" if self.fused else ", fused=False") + ("" if self.native is None else f", native={self.native}"))
 
 
 class LifeQuantActivation(nn.Module):
@@ -365,6 +407,7 @@ def quantize_lifequant(
     act_range: float = ACT_RANGE,
     skip: Iterable[str] | Literal["linear"] = "linear",
     fused: bool = True,
+    native: bool | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place the LifeQuant way (spec §1.1) and return it.
 
@@ -372,7 +415,8 @@ def quantize_lifequant(
     (the classifier) in full precision as the original does; pass layer names to choose otherwise. Every
     ``ActSlot`` gets the activation quantizer; ``act_quantizer=None`` picks the one paired with ``quantizer``
     in the original (``PAIRED_ACTIVATION``). Calling it again (32 -> 8 -> 4 bits) replaces the quantizers and
-    keeps the latent weights. ``fused=False`` builds quantizers on the plain autograd reference path.
+    keeps the latent weights. ``fused=False`` builds quantizers on the plain autograd reference path;
+    ``native`` chooses the weight quantizer's CPU kernel (:func:`quantize_weight`).
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     act_q = PAIRED_ACTIVATION[quantizer] if act_quantizer is None else act_quantizer
@@ -387,7 +431,7 @@ def quantize_lifequant(
         skip = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return quantize_model(
         model,
-        weight=lambda layer: LifeQuantWeight(weight_bits, quantizer, clip, std, fused=fused),
+        weight=lambda layer: LifeQuantWeight(weight_bits, quantizer, clip, std, fused=fused, native=native),
         activation=lambda: LifeQuantActivation(act_bits, act_q, act_range, fused=fused),
         skip=list(skip),
     )

@@ -6,11 +6,19 @@ A model marks where activation quantizers sit with :class:`ActSlot` modules (ide
 apply a weight quantizer in ``forward`` and fills the slots with activation quantizers. The weight
 itself stays the latent full-precision parameter (state-dict key ``weight``), so an FP checkpoint loads
 into a quantized model and back.
+
+One pass over all weights (issue 9): a weight quantizer may offer ``group_key(weight)`` (a hashable, or None
+when this weight cannot join a group) and a static ``quantize_group(weights, quantizers)``. ``quantize_model``
+then installs a forward pre-hook on the model that quantizes every layer whose quantizer shares a key in one
+call (one autograd node for all of them instead of one per layer) and hands each layer its result;
+``quantized_weight`` uses it once and falls back to the layer's own quantizer otherwise (a layer called on its
+own, a weight changed since, a different grad mode). ``quantize_group`` must return what the per-layer
+quantizer returns for each weight (the tests compare them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +61,18 @@ class ActSlot(nn.Module):
         return self.quantizer(x)
 
 
+_GROUPED = "_grouped_weight"  # instance attribute: (quantized weight, latent weight, its _version, grad mode)
+
+
+def _quantized_weight(layer: nn.Module) -> Tensor:
+    stash = layer.__dict__.pop(_GROUPED, None)
+    if stash is not None:
+        q, w, version, grad = stash
+        if w is layer.weight and version == w._version and grad == torch.is_grad_enabled():
+            return q
+    return layer.weight_quantizer(layer.weight)
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward uses ``weight_quantizer(weight)``; ``weight`` stays the latent weight."""
 
@@ -61,7 +81,8 @@ class QuantConv2d(nn.Conv2d):
         self.weight_quantizer: nn.Module = weight_quantizer if weight_quantizer is not None else nn.Identity()
 
     def quantized_weight(self) -> Tensor:
-        return self.weight_quantizer(self.weight)
+        """The weight the forward uses: the model's one-pass result when it has one, else the quantizer's."""
+        return _quantized_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
@@ -87,7 +108,8 @@ class QuantLinear(nn.Linear):
         self.weight_quantizer: nn.Module = weight_quantizer if weight_quantizer is not None else nn.Identity()
 
     def quantized_weight(self) -> Tensor:
-        return self.weight_quantizer(self.weight)
+        """The weight the forward uses: the model's one-pass result when it has one, else the quantizer's."""
+        return _quantized_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
@@ -121,11 +143,75 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def weight_groups(model: nn.Module) -> dict[tuple[type, Hashable], list[QuantConv2d | QuantLinear]]:
+    """The quantized layers of ``model`` that one pass can quantize together, by (quantizer type, group key).
+
+    Only groups of two or more layers are listed; a quantizer without ``group_key``, or whose key is None for
+    its weight, is quantized per layer."""
+    groups: dict[tuple[type, Hashable], list[QuantConv2d | QuantLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, QuantConv2d | QuantLinear):
+            key_of = getattr(m.weight_quantizer, "group_key", None)
+            key = key_of(m.weight) if key_of is not None else None
+            if key is not None:
+                groups.setdefault((type(m.weight_quantizer), key), []).append(m)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def quantize_weights_in_one_pass(model: nn.Module) -> int:
+    """Quantize every groupable weight of ``model`` now, one call per group, and hand each layer its result
+    for its next forward (the pre-hook ``quantize_model`` installs calls this). Returns how many layers got one.
+    """
+    grad = torch.is_grad_enabled()
+    n = 0
+    for (cls, _key), layers in weight_groups(model).items():
+        outs = cls.quantize_group([m.weight for m in layers], [m.weight_quantizer for m in layers])
+        for m, q in zip(layers, outs, strict=True):
+            m.__dict__[_GROUPED] = (q, m.weight, m.weight._version, grad)
+        n += len(layers)
+    return n
+
+
+def _one_pass_pre_hook(model: nn.Module, args: tuple) -> None:
+    quantize_weights_in_one_pass(model)
+
+
+def _one_pass_post_hook(model: nn.Module, args: tuple, output: object) -> None:
+    for m in model.modules():  # results a forward did not use (a layer it skipped) hold a graph: drop them
+        m.__dict__.pop(_GROUPED, None)
+
+
+def set_one_pass(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn the one-pass weight quantization of ``model`` on (the ``quantize_model`` default) or off.
+
+    On, each forward of ``model`` first quantizes all groupable weights together (see the module docstring);
+    the values are those of the per-layer quantizers. Off, every layer quantizes its own weight. The hooks are
+    plain module-level functions, so a deep copy or a pickled model keeps the setting."""
+    always = getattr(model, "_forward_hooks_always_called", {})
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for k in [k for k, h in hooks.items() if h is _one_pass_pre_hook or h is _one_pass_post_hook]:
+            del hooks[k]
+            always.pop(k, None)
+    for m in model.modules():
+        m.__dict__.pop(_GROUPED, None)
+    if enabled:
+        model.register_forward_pre_hook(_one_pass_pre_hook)
+        model.register_forward_hook(_one_pass_post_hook, always_call=True)
+    return model
+
+
+def one_pass_enabled(model: nn.Module) -> bool:
+    """Whether ``model`` quantizes its weights in one pass (:func:`set_one_pass`)."""
+    return any(h is _one_pass_pre_hook for h in model._forward_pre_hooks.values())
+
+
 def quantize_model(
     model: nn.Module,
     weight: WeightQuantizerFactory | None = None,
     activation: ActQuantizerFactory | None = None,
     skip: Iterable[str] | str = (),
+    *,
+    one_pass: bool = True,
 ) -> nn.Module:
     """Turn ``model`` into a quantized model in place and return it.
 
@@ -134,6 +220,9 @@ def quantize_model(
     mixture). ``activation()`` builds the quantizer of every :class:`ActSlot`. ``skip="first_last"`` keeps
     the first and last weight layers in full precision. Calling it again on a quantized model replaces the
     quantizers (the latent weights are kept).
+
+    ``one_pass=True`` (default) quantizes the weights of all layers whose quantizers allow it in one call per
+    forward (:func:`set_one_pass`; same values, fewer autograd nodes); ``False`` keeps one call per layer.
     """
     if isinstance(skip, str):
         if skip != "first_last":
@@ -159,6 +248,8 @@ def quantize_model(
         for m in model.modules():
             if isinstance(m, ActSlot):
                 m.quantizer = activation()
+    if one_pass != one_pass_enabled(model):
+        set_one_pass(model, one_pass)
     return model
 
 

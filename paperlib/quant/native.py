@@ -1,0 +1,278 @@
+"""Native CPU kernels of the standardising quantizers (issue 9): ClimbQ's Gaussian-CDF weight and activation
+quantizers and LifeQuant's "standardize" weight quantizer, from ``paperlib/quant_kernel.c``.
+
+Why: on a CPU the torch path of these quantizers is a chain of small elementwise ops per layer (erf, round,
+scalings) plus two per-layer reductions, and an autograd node per layer; at 8x8 inputs that chain costs as much
+as the convolutions. The kernels do each pass in one sweep on torch's OpenMP threads and take all weight
+tensors of a model in one call (``*_weights``), one autograd node for all of them.
+
+What they compute: the same math as the torch paths, with two differences, both below float resolution:
+- mean and std of each weight tensor are summed in float64 (two passes) and rounded once, where torch sums in
+  the tensor's dtype;
+- ClimbQ's level ``round(n Phi(a))`` is exact: it counts the thresholds ``Phi^-1((i + 1/2) / n)`` (float64
+  ``ndtri``, rounded up to the tensor's dtype) at or below ``a``. The torch path evaluates torch's ``erf``, whose
+  CPU kernel is an approximation (absolute error up to ~1e-7), so the two can pick neighbouring levels for an
+  ``a`` within about 1e-6 of a threshold; everywhere else the values are equal bit for bit.
+Gradients are the analytic ones of the torch paths, with float64 accumulation of the per-tensor sums.
+
+``PAPERLIB_QUANT_NATIVE=0`` disables the kernels; a failed build (no C compiler) falls back to the torch path
+and :func:`native_status` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import ndtri
+from torch import Tensor
+
+from ..native import build_library
+
+DTYPES = (torch.float32, torch.float64)
+_state: dict[str, Any] = {}
+
+
+def _build() -> Any:
+    lib = build_library("quant_kernel", ["quant_kernel.c", "native_math.h"])
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for sfx, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        sig = {
+            "segment_mean_std": [i64, p, p, p, p, i32],
+            "climbq_weights_forward": [i64, p, p, p, p, p, p, i32, i32],
+            "climbq_weights_backward": [i64, p, p, p, p, p, p, i32],
+            "lifequant_weights_forward": [i64, p, p, p, p, p, ct, i32, i32, i32],
+            "lifequant_weights_backward": [i64, p, p, p, p, p, p, ct, i32],
+            "climbq_act_forward": [i64, i64, p, p, p, p, i32, ct, ct, ct, i32],
+            "climbq_act_backward": [i64, i64, p, p, p, ct, p, i32],
+        }
+        for name, args in sig.items():
+            f = getattr(lib, f"{name}_{sfx}")
+            f.argtypes, f.restype = args, i32
+    return lib
+
+
+def _lib() -> Any:
+    """The loaded kernels, built on first use; None when disabled or unavailable (see :func:`native_status`)."""
+    if "lib" not in _state:
+        lib = None
+        if os.environ.get("PAPERLIB_QUANT_NATIVE", "1") == "0":
+            _state["error"] = "disabled by PAPERLIB_QUANT_NATIVE=0"
+        else:
+            try:
+                lib = _build()
+            except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
+                _state["error"] = f"{type(e).__name__}: {e}"
+        _state["lib"] = lib
+    return _state["lib"]
+
+
+def native_status() -> dict[str, Any]:
+    """``{"available": bool, "path": compiled library or None, "error": why not or None}`` (builds on first
+    call)."""
+    lib = _lib()
+    return {"available": lib is not None, "path": getattr(lib, "path", None), "error": _state.get("error")}
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can take ``tensors``: CPU, float32/float64, one dtype, contiguous, kernels built."""
+    t0 = tensors[0]
+    return (all(t.device.type == "cpu" and t.dtype == t0.dtype and t.is_contiguous() for t in tensors)
+            and t0.dtype in DTYPES and _lib() is not None)
+
+
+def use_native(native: bool | None, *tensors: Tensor) -> bool:
+    """``native=None``: the kernels when :func:`usable`; ``True``: the kernels or a clear error; ``False``: no."""
+    if native is None:
+        return usable(*tensors)
+    if native and not usable(*tensors):
+        why = native_status()["error"] or "it needs contiguous float32/float64 CPU tensors of one dtype"
+        raise RuntimeError(f"native=True cannot run here ({why}); pass native=None to fall back to the torch path")
+    return bool(native)
+
+
+@functools.lru_cache(maxsize=64)
+def _thresholds(n: int, dtype: torch.dtype) -> Tensor:
+    """``Phi^-1((i + 1/2) / n)``, i < n, each rounded *up* to ``dtype``: then ``a >= t_i`` in ``dtype`` is exactly
+    ``a >= Phi^-1((i + 1/2)/n)`` (float32; float64 to ndtri's accuracy)."""
+    t = ndtri((np.arange(n, dtype=np.float64) + 0.5) / n)
+    if dtype == torch.float32:
+        t32 = t.astype(np.float32)
+        t32 = np.where(t32.astype(np.float64) < t, np.nextafter(t32, np.float32(np.inf)), t32)
+        return torch.from_numpy(t32.astype(np.float32))
+    return torch.from_numpy(t)
+
+
+def _sfx(t: Tensor) -> str:
+    return "f32" if t.dtype == torch.float32 else "f64"
+
+
+def _ptrs(ts: Sequence[Tensor]) -> Tensor:
+    """The tensors' data pointers as an int64 tensor; keep it referenced while the kernel runs."""
+    return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError("the native quantizer kernels are differentiable once; for a double backward "
+                           "(create_graph=True) build the quantizers with fused=False")
+
+
+def _check(err: int) -> None:
+    if err:
+        raise MemoryError("paperlib quant kernel: out of memory for its scratch buffers")
+
+
+def mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased std of each tensor (float64 sums, rounded to the dtype), as two [len(ws)] tensors."""
+    lib, sfx = _lib(), _sfx(ws[0])
+    mean = torch.empty(len(ws), dtype=ws[0].dtype)
+    std = torch.empty_like(mean)
+    sizes, wp = torch.tensor([w.numel() for w in ws], dtype=torch.int64), _ptrs(ws)  # alive during the call
+    _check(getattr(lib, f"segment_mean_std_{sfx}")(len(ws), wp.data_ptr(), sizes.data_ptr(), mean.data_ptr(),
+                                                   std.data_ptr(), torch.get_num_threads()))
+    return mean, std
+
+
+class _ClimbQWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n: int, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
+        lib, sfx = _lib(), _sfx(ws[0])
+        mean, std = mean_std(ws)
+        rec = std.reciprocal()
+        outs = [torch.empty_like(w) for w in ws]
+        sizes = torch.tensor([w.numel() for w in ws], dtype=torch.int64)
+        thr, wp, op = _thresholds(n, ws[0].dtype), _ptrs(ws), _ptrs(outs)
+        _check(getattr(lib, f"climbq_weights_forward_{sfx}")(
+            len(ws), wp.data_ptr(), sizes.data_ptr(), op.data_ptr(), mean.data_ptr(), rec.data_ptr(),
+            thr.data_ptr(), n, torch.get_num_threads()))
+        ctx.save_for_backward(*ws)
+        ctx.stats, ctx.sizes = (mean, rec), sizes
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
+        _no_double_backward()
+        ws = ctx.saved_tensors
+        mean, rec = ctx.stats
+        gs = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, ws, strict=True)]
+        gws = [torch.empty_like(w) for w in ws]
+        wp, gp, gwp = _ptrs(ws), _ptrs(gs), _ptrs(gws)
+        _check(getattr(_lib(), f"climbq_weights_backward_{_sfx(ws[0])}")(
+            len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(),
+            mean.data_ptr(), rec.data_ptr(), torch.get_num_threads()))
+        return (None, *(None if g is None else gw for g, gw in zip(grads, gws, strict=True)))
+
+
+def climbq_weights(ws: Sequence[Tensor], bits: int) -> list[Tensor]:
+    """ClimbQ's ``2 U_k(Phi((w - mean w) / std w)) - 1`` of each tensor in one call (module docstring)."""
+    n = 2**bits - 1
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return list(_ClimbQWeights.apply(n, *ws))
+    with torch.no_grad():
+        return list(_ClimbQWeights.forward(_NoCtx(), n, *ws))
+
+
+class _LifeQuantWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n: int, std: float, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
+        lib, sfx = _lib(), _sfx(ws[0])
+        mean, sd = mean_std(ws)
+        outs = [torch.empty_like(w) for w in ws]
+        sizes = torch.tensor([w.numel() for w in ws], dtype=torch.int64)
+        merged = int(math.frexp(std)[0] == 0.5)  # std a power of two: z std n == z (std n) exactly
+        wp, op = _ptrs(ws), _ptrs(outs)
+        _check(getattr(lib, f"lifequant_weights_forward_{sfx}")(
+            len(ws), wp.data_ptr(), sizes.data_ptr(), op.data_ptr(), mean.data_ptr(), sd.data_ptr(),
+            std, merged, n, torch.get_num_threads()))
+        ctx.save_for_backward(*ws)
+        ctx.stats, ctx.sizes, ctx.std = (mean, sd), sizes, std
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
+        _no_double_backward()
+        ws = ctx.saved_tensors
+        mean, sd = ctx.stats
+        gs = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, ws, strict=True)]
+        gws = [torch.empty_like(w) for w in ws]
+        wp, gp, gwp = _ptrs(ws), _ptrs(gs), _ptrs(gws)
+        _check(getattr(_lib(), f"lifequant_weights_backward_{_sfx(ws[0])}")(
+            len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(),
+            mean.data_ptr(), sd.data_ptr(), ctx.std, torch.get_num_threads()))
+        return (None, None, *(None if g is None else gw for g, gw in zip(grads, gws, strict=True)))
+
+
+def lifequant_weights(ws: Sequence[Tensor], bits: int, std: float) -> list[Tensor]:
+    """LifeQuant's ``Q_k(std (w - mean w) / std(w))`` (k >= 2, no clip) of each tensor in one call."""
+    n = 2**bits - 1
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return list(_LifeQuantWeights.apply(n, float(std), *ws))
+    with torch.no_grad():
+        return list(_LifeQuantWeights.forward(_NoCtx(), n, float(std), *ws))
+
+
+class _NoCtx:
+    """Stands in for the autograd context when a forward runs without autograd (nothing is saved)."""
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+def _act_args(x: Tensor, rec: Tensor) -> tuple[int, Tensor]:
+    """(elements per per-sample ``rec`` value, or 0 for one value; ``rec`` flat and contiguous)."""
+    r = rec.detach().reshape(-1).to(x.dtype).contiguous()
+    if r.numel() == 1:
+        return 0, r
+    if x.ndim == 0 or r.numel() != x.shape[0]:
+        raise ValueError(f"rec has {r.numel()} values for a batch of {x.shape[0] if x.ndim else 0}")
+    return x.numel() // max(x.shape[0], 1), r
+
+
+class _ClimbQAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, rec: Tensor, n: int, act_range: float) -> Tensor:  # noqa: D102
+        inner, r = _act_args(x, rec)
+        out = torch.empty_like(x)
+        if math.frexp(act_range)[0] == 0.5 and 2.0**-30 <= act_range <= 2.0**30:  # as the torch path's tail
+            div, sub, mul = n / (2 * act_range), act_range, 1.0
+        else:
+            div, sub, mul = n / 2, 1.0, act_range
+        thr = _thresholds(n, x.dtype)
+        _check(getattr(_lib(), f"climbq_act_forward_{_sfx(x)}")(
+            x.numel(), inner, x.data_ptr(), r.data_ptr(), out.data_ptr(), thr.data_ptr(), n,
+            div, sub, mul, torch.get_num_threads()))
+        ctx.save_for_backward(x, r)
+        ctx.inner, ctx.act_range = inner, act_range
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        _no_double_backward()
+        x, r = ctx.saved_tensors
+        g = grad.contiguous()
+        gx = torch.empty_like(x)
+        _check(getattr(_lib(), f"climbq_act_backward_{_sfx(x)}")(
+            x.numel(), ctx.inner, x.data_ptr(), g.data_ptr(), r.data_ptr(), ctx.act_range, gx.data_ptr(),
+            torch.get_num_threads()))
+        return gx, None, None, None
+
+
+def climbq_activation(x: Tensor, rec: Tensor, bits: int, act_range: float) -> Tensor:
+    """ClimbQ's ``R (2 U_k(Phi(x rec)) - 1)`` with ``rec = 1/sigma`` one value or one per sample."""
+    n = 2**bits - 1
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ClimbQAct.apply(x, rec, n, float(act_range))
+    with torch.no_grad():
+        return _ClimbQAct.forward(_NoCtx(), x, rec, n, float(act_range))
