@@ -5,7 +5,9 @@
 
 - train-step time of each quantized ResNet-20 divided by the FP32 step of the same net (batch 128, at 8x8 and
   32x32): uniform STE (DoReFa), LSQ, ClimbQ W4A4, LifeQuant W4A4 + prox penalty, CBP (constraint term), DGMS
-  (K=16), and the peer PyTorch users would reach for: ``torch.ao`` eager/FX fake-quant QAT at 8 bits;
+  (K=16), and the peer PyTorch users would reach for: ``torch.ao`` eager/FX fake-quant QAT at 8 bits; ClimbQ and
+  LifeQuant also on their PyTorch paths with one quantizer call per layer (what the native CPU kernels and the
+  one-pass weight quantization buy; on CUDA the default is the PyTorch path);
 - the HomoVar loss against the original's dense [B, K, D] formulation (time and peak memory);
 - DGMS memory: the peak memory of one ResNet-18 train step at K=16 on a 224 px batch against FP32 (issue 8);
 - the GPU path (only on CUDA): ``fit`` throughput of ResNet-20 at 32x32 in FP32 and with bf16 autocast +
@@ -87,12 +89,11 @@ def step_cases() -> dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module,
                            activation=lambda: LSQActivation(4), skip="first_last")
         return m, ce
 
-    def climbq():
+    def climbq(native: bool | None = None, one_pass: bool = True):
         from paperlib.climbq import ClimbQActivation, ClimbQWeight, batch_sigma, set_sigma
 
-        m = quantize_model(_resnet("pre_relu"), weight=lambda _: ClimbQWeight(4),
-                           activation=lambda: ClimbQActivation(4), skip=[])
-        quantize_model(m, weight=None)
+        m = quantize_model(_resnet("pre_relu"), weight=lambda _: ClimbQWeight(4, native=native),
+                           activation=lambda: ClimbQActivation(4, native=native), skip=[], one_pass=one_pass)
 
         def loss(model, x, y):
             set_sigma(model, batch_sigma(y, 10))
@@ -100,10 +101,11 @@ def step_cases() -> dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module,
 
         return m, loss
 
-    def lifequant():
+    def lifequant(native: bool | None = None, one_pass: bool = True):
         from paperlib.lifequant import importance, prox_penalty, quantize_lifequant, snapshot
+        from paperlib.quant.core import set_one_pass
 
-        m = quantize_lifequant(_resnet("pre_relu"), 4, 4)
+        m = set_one_pass(quantize_lifequant(_resnet("pre_relu"), 4, 4, native=native), one_pass)
         old = snapshot(m)
         imp = {k: torch.rand_like(v) for k, v in old.items()}
         del importance
@@ -142,8 +144,10 @@ def step_cases() -> dict[str, Callable[[], tuple[nn.Module, Callable[[nn.Module,
         return m, ce
 
     return {"FP32": fp32, "FP32 (option-A shortcut)": fp32_a, "uniform STE W4A4": uniform, "LSQ W4A4": lsq,
-            "ClimbQ W4A4": climbq,
-            "LifeQuant W4A4 + prox": lifequant, "CBP ter": cbp, "DGMS K=16": dgms,
+            "ClimbQ W4A4": climbq, "ClimbQ W4A4 (PyTorch path, per layer)": lambda: climbq(False, False),
+            "LifeQuant W4A4 + prox": lifequant,
+            "LifeQuant W4A4 + prox (PyTorch path, per layer)": lambda: lifequant(False, False),
+            "CBP ter": cbp, "DGMS K=16": dgms,
             "torch.ao QAT 8-bit (peer)": torch_ao}
 
 

@@ -7,12 +7,11 @@ through ctypes; :mod:`paperlib.dgms` calls it through ``_DGMSNative`` and falls 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from .native import build_library, native_cache_dir
+from .native import build_library, load_lazily, native_cache_dir, status
 
 __all__ = ["native_cache_dir", "native_status"]
 
@@ -53,21 +52,10 @@ def _build_native() -> Any:
 
 def _native_lib() -> Any:
     """The loaded kernel, building it on first use; None when disabled or unavailable (see native_status)."""
-    if "lib" not in _native:
-        lib = None
-        if os.environ.get("PAPERLIB_DGMS_NATIVE", "1") == "0":
-            _native["error"] = "disabled by PAPERLIB_DGMS_NATIVE=0"
-        else:
-            try:
-                lib = _build_native()
-            except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
-                _native["error"] = f"{type(e).__name__}: {e}"
-        _native["lib"] = lib
-    return _native["lib"]
+    return load_lazily(_native, "PAPERLIB_DGMS_NATIVE", _build_native)
 
 
 def native_status() -> dict[str, Any]:
     """``{"available": bool, "path": compiled library or None, "error": why not or None}`` (builds on first
     call)."""
-    lib = _native_lib()
-    return {"available": lib is not None, "path": getattr(lib, "path", None), "error": _native.get("error")}
+    return status(_native, _native_lib())

@@ -17,8 +17,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import paths
 
@@ -80,3 +81,24 @@ def build_library(stem: str, files: Sequence[str], flags: Sequence[str] = FLAGS)
     lib = ctypes.CDLL(str(target))
     lib.path = str(target)
     return lib
+
+
+def load_lazily(state: dict[str, Any], env_var: str, build: Callable[[], ctypes.CDLL]) -> ctypes.CDLL | None:
+    """``build()``'s library, built once and kept in ``state``; None when ``$env_var`` is ``0`` or the build
+    failed (``state["error"]`` says why; any failure means: use the torch path)."""
+    if "lib" not in state:
+        lib = None
+        if os.environ.get(env_var, "1") == "0":
+            state["error"] = f"disabled by {env_var}=0"
+        else:
+            try:
+                lib = build()
+            except Exception as e:  # noqa: BLE001
+                state["error"] = f"{type(e).__name__}: {e}"
+        state["lib"] = lib
+    return state["lib"]
+
+
+def status(state: dict[str, Any], lib: ctypes.CDLL | None) -> dict[str, Any]:
+    """``{"available": bool, "path": compiled library or None, "error": why not or None}``."""
+    return {"available": lib is not None, "path": getattr(lib, "path", None), "error": state.get("error")}

@@ -34,6 +34,28 @@ static int64_t make_chunks(int64_t nseg, const int64_t *sizes, chunk_t **out) {
     return total;
 }
 
+/* The chunks of a call plus per-chunk float64 partial sums (nsums per chunk) and their per-tensor totals. */
+typedef struct { chunk_t *ch; int64_t nc; int nsums; double *part, *acc; } plan_t;
+
+static int plan_init(plan_t *p, int64_t nseg, const int64_t *sizes, int nsums) {
+    p->nsums = nsums; p->part = NULL; p->acc = NULL;
+    p->nc = make_chunks(nseg, sizes, &p->ch);
+    if (p->nc < 0) return 1;
+    p->part = (double *)malloc(sizeof(double) * (size_t)nsums * (size_t)(p->nc > 0 ? p->nc : 1));
+    p->acc = (double *)malloc(sizeof(double) * (size_t)nsums * (size_t)(nseg > 0 ? nseg : 1));
+    if (!p->part || !p->acc) { free(p->part); free(p->acc); free(p->ch); return 1; }
+    return 0;
+}
+
+/* acc = the chunks' partial sums added per tensor in chunk order (the same for any thread count). */
+static void plan_reduce(plan_t *p, int64_t nseg) {
+    for (int64_t i = 0; i < nseg * p->nsums; i++) p->acc[i] = 0;
+    for (int64_t c = 0; c < p->nc; c++)
+        for (int j = 0; j < p->nsums; j++) p->acc[p->ch[c].seg * p->nsums + j] += p->part[c * p->nsums + j];
+}
+
+static void plan_free(plan_t *p) { free(p->part); free(p->acc); free(p->ch); }
+
 #define DEFINE_KERNELS(T, SFX)                                                                               \
 static inline int64_t level_##SFX(T a, const T *thr, int n) {                                               \
     int64_t idx = 0;                                                                                        \
@@ -65,35 +87,33 @@ static inline void levels_tile_##SFX(const T *a, int nb, const T *thr, int n, T 
 /* Per tensor: mean and unbiased std, two passes in float64 (rounded to T at the end). */                   \
 int segment_mean_std_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *sizes, T *mean, T *std_,       \
                            int nthreads) {                                                                  \
-    chunk_t *ch; int64_t nc = make_chunks(nseg, sizes, &ch);                                                \
-    if (nc < 0) return 1;                                                                                   \
-    double *part = (double *)malloc(sizeof(double) * (size_t)(nc > 0 ? nc : 1));                            \
-    if (!part) { free(ch); return 1; }                                                                      \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
+    plan_t P;                                                                                               \
+    if (plan_init(&P, nseg, sizes, 1)) return 1;                                                            \
+    const chunk_t *ch = P.ch;                                                                               \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(P.nc > 1)")                         \
+    for (int64_t c = 0; c < P.nc; c++) {                                                                    \
         const T *w = (const T *)(intptr_t)ptrs[ch[c].seg] + ch[c].start;                                    \
         double acc = 0;                                                                                     \
         _Pragma("omp simd reduction(+:acc)")                                                                \
         for (int64_t i = 0; i < ch[c].len; i++) acc += w[i];                                                \
-        part[c] = acc;                                                                                      \
+        P.part[c] = acc;                                                                                    \
     }                                                                                                       \
-    double *m = (double *)calloc((size_t)(nseg > 0 ? nseg : 1), sizeof(double));                            \
-    if (!m) { free(part); free(ch); return 1; }                                                             \
-    for (int64_t c = 0; c < nc; c++) m[ch[c].seg] += part[c];                                               \
-    for (int64_t s = 0; s < nseg; s++) { m[s] /= (double)sizes[s]; mean[s] = (T)m[s]; }                      \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
+    plan_reduce(&P, nseg);                                                                                  \
+    double *m = (double *)malloc(sizeof(double) * (size_t)(nseg > 0 ? nseg : 1));                           \
+    if (!m) { plan_free(&P); return 1; }                                                                    \
+    for (int64_t s = 0; s < nseg; s++) { m[s] = P.acc[s] / (double)sizes[s]; mean[s] = (T)m[s]; }            \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(P.nc > 1)")                         \
+    for (int64_t c = 0; c < P.nc; c++) {                                                                    \
         const T *w = (const T *)(intptr_t)ptrs[ch[c].seg] + ch[c].start;                                    \
         const double mu = m[ch[c].seg];                                                                     \
         double acc = 0;                                                                                     \
         _Pragma("omp simd reduction(+:acc)")                                                                \
         for (int64_t i = 0; i < ch[c].len; i++) { double d = (double)w[i] - mu; acc += d * d; }             \
-        part[c] = acc;                                                                                      \
+        P.part[c] = acc;                                                                                    \
     }                                                                                                       \
-    for (int64_t s = 0; s < nseg; s++) m[s] = 0;                                                            \
-    for (int64_t c = 0; c < nc; c++) m[ch[c].seg] += part[c];                                               \
-    for (int64_t s = 0; s < nseg; s++) std_[s] = (T)sqrt(m[s] / (double)(sizes[s] - 1));                    \
-    free(m); free(part); free(ch);                                                                          \
+    plan_reduce(&P, nseg);                                                                                  \
+    for (int64_t s = 0; s < nseg; s++) std_[s] = (T)sqrt(P.acc[s] / (double)(sizes[s] - 1));                \
+    free(m); plan_free(&P);                                                                                 \
     return 0;                                                                                               \
 }                                                                                                           \
                                                                                                             \
@@ -124,11 +144,11 @@ int climbq_weights_forward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_
    gw = (h - mean h - a <h, a> / (N - 1)) 2 rec / sqrt(2 pi). */                                            \
 int climbq_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *gptrs, const int64_t *sizes,\
                                   const int64_t *gouts, const T *mean, const T *rec, int nthreads) {        \
-    chunk_t *ch; int64_t nc = make_chunks(nseg, sizes, &ch);                                                \
-    if (nc < 0) return 1;                                                                                   \
-    double *part = (double *)malloc(sizeof(double) * 2 * (size_t)(nc > 0 ? nc : 1));                        \
-    double *acc = (double *)calloc(2 * (size_t)(nseg > 0 ? nseg : 1), sizeof(double));                      \
-    if (!part || !acc) { free(part); free(acc); free(ch); return 1; }                                       \
+    plan_t P;                                                                                               \
+    if (plan_init(&P, nseg, sizes, 2)) return 1;                                                            \
+    const chunk_t *ch = P.ch;                                                                               \
+    const int64_t nc = P.nc;                                                                                \
+    double *part = P.part, *acc = P.acc;                                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
     for (int64_t c = 0; c < nc; c++) {                                                                      \
         const int64_t s = ch[c].seg;                                                                        \
@@ -147,7 +167,7 @@ int climbq_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64
         FTZ_OFF                                                                                             \
         part[2 * c] = s1; part[2 * c + 1] = s2;                                                             \
     }                                                                                                       \
-    for (int64_t c = 0; c < nc; c++) { acc[2 * ch[c].seg] += part[2 * c]; acc[2 * ch[c].seg + 1] += part[2 * c + 1]; }\
+    plan_reduce(&P, nseg);                                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
     for (int64_t c = 0; c < nc; c++) {                                                                      \
         const int64_t s = ch[c].seg;                                                                        \
@@ -162,7 +182,7 @@ int climbq_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64
             gw[i] = (gw[i] - c0 - a * c1) * sc;                                                             \
         }                                                                                                   \
     }                                                                                                       \
-    free(part); free(acc); free(ch);                                                                        \
+    plan_free(&P);                                                                                          \
     return 0;                                                                                               \
 }                                                                                                           \
                                                                                                             \
@@ -195,11 +215,11 @@ int lifequant_weights_forward_##SFX(int64_t nseg, const int64_t *ptrs, const int
 int lifequant_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *gptrs,               \
                                      const int64_t *sizes, const int64_t *gouts, const T *mean, const T *sd,\
                                      T std_, int nthreads) {                                                \
-    chunk_t *ch; int64_t nc = make_chunks(nseg, sizes, &ch);                                                \
-    if (nc < 0) return 1;                                                                                   \
-    double *part = (double *)malloc(sizeof(double) * 2 * (size_t)(nc > 0 ? nc : 1));                        \
-    double *acc = (double *)calloc(2 * (size_t)(nseg > 0 ? nseg : 1), sizeof(double));                      \
-    if (!part || !acc) { free(part); free(acc); free(ch); return 1; }                                       \
+    plan_t P;                                                                                               \
+    if (plan_init(&P, nseg, sizes, 2)) return 1;                                                            \
+    const chunk_t *ch = P.ch;                                                                               \
+    const int64_t nc = P.nc;                                                                                \
+    double *part = P.part, *acc = P.acc;                                                                    \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
     for (int64_t c = 0; c < nc; c++) {                                                                      \
         const int64_t s = ch[c].seg;                                                                        \
@@ -211,7 +231,7 @@ int lifequant_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const in
         for (int64_t i = 0; i < ch[c].len; i++) { T z = (w[i] - mu) / d; s1 += g[i]; s2 += (double)g[i] * z; }\
         part[2 * c] = s1; part[2 * c + 1] = s2;                                                             \
     }                                                                                                       \
-    for (int64_t c = 0; c < nc; c++) { acc[2 * ch[c].seg] += part[2 * c]; acc[2 * ch[c].seg + 1] += part[2 * c + 1]; }\
+    plan_reduce(&P, nseg);                                                                                  \
     _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
     for (int64_t c = 0; c < nc; c++) {                                                                      \
         const int64_t s = ch[c].seg;                                                                        \
@@ -224,7 +244,7 @@ int lifequant_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const in
         _Pragma("omp simd")                                                                                 \
         for (int64_t i = 0; i < ch[c].len; i++) { T z = (w[i] - mu) / d; gw[i] = (g[i] - c0 - z * c1) * sc; }\
     }                                                                                                       \
-    free(part); free(acc); free(ch);                                                                        \
+    plan_free(&P);                                                                                          \
     return 0;                                                                                               \
 }                                                                                                           \
                                                                                                             \

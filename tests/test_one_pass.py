@@ -118,6 +118,16 @@ def test_copies_keep_the_setting_and_switching_off_is_local():
     assert sum(h is core._one_pass_pre_hook for h in model._forward_pre_hooks.values()) == 1
 
 
+def assert_same_step(a, b, x, y):
+    """Equal outputs, and gradients equal to rounding, for one cross-entropy step of two models."""
+    out_a, out_b = a(x), b(x)
+    assert torch.equal(out_a, out_b)
+    F.cross_entropy(out_a, y).backward()
+    F.cross_entropy(out_b, y).backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _climbq_resnet(one_pass: bool, native):
     torch.manual_seed(0)
     m = create_model("resnet20", num_classes=10, in_channels=1, act_position="pre_relu")
@@ -132,12 +142,7 @@ def test_climbq_resnet_one_pass_equals_per_layer(native):
     x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
     for m in (a, b):
         C.set_sigma(m, C.batch_sigma(y, 10))
-    out_a, out_b = a(x), b(x)
-    assert torch.equal(out_a, out_b)
-    F.cross_entropy(out_a, y).backward()
-    F.cross_entropy(out_b, y).backward()
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_step(a, b, x, y)
 
 
 def test_lifequant_resnet_one_pass_equals_per_layer():
@@ -147,13 +152,7 @@ def test_lifequant_resnet_one_pass_equals_per_layer():
     set_one_pass(b, False)
     groups = weight_groups(a)
     assert [len(v) for v in groups.values()] == [21]  # every conv (the linear classifier stays FP)
-    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
-    out_a, out_b = a(x), b(x)
-    assert torch.equal(out_a, out_b)
-    F.cross_entropy(out_a, y).backward()
-    F.cross_entropy(out_b, y).backward()
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_step(a, b, torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
 
 
 def test_layers_of_different_dtypes_form_different_groups():

@@ -24,8 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ import torch
 from scipy.special import ndtri
 from torch import Tensor
 
-from ..native import build_library
+from ..native import build_library, load_lazily, status
 
 DTYPES = (torch.float32, torch.float64)
 _state: dict[str, Any] = {}
@@ -60,24 +60,13 @@ def _build() -> Any:
 
 def _lib() -> Any:
     """The loaded kernels, built on first use; None when disabled or unavailable (see :func:`native_status`)."""
-    if "lib" not in _state:
-        lib = None
-        if os.environ.get("PAPERLIB_QUANT_NATIVE", "1") == "0":
-            _state["error"] = "disabled by PAPERLIB_QUANT_NATIVE=0"
-        else:
-            try:
-                lib = _build()
-            except Exception as e:  # noqa: BLE001 (any failure means: use the torch path)
-                _state["error"] = f"{type(e).__name__}: {e}"
-        _state["lib"] = lib
-    return _state["lib"]
+    return load_lazily(_state, "PAPERLIB_QUANT_NATIVE", _build)
 
 
 def native_status() -> dict[str, Any]:
     """``{"available": bool, "path": compiled library or None, "error": why not or None}`` (builds on first
     call)."""
-    lib = _lib()
-    return {"available": lib is not None, "path": getattr(lib, "path", None), "error": _state.get("error")}
+    return status(_state, _lib())
 
 
 def usable(*tensors: Tensor) -> bool:
@@ -140,20 +129,32 @@ def mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
-class _ClimbQWeights(torch.autograd.Function):
+@dataclass(frozen=True)
+class _WeightsSpec:
+    """Which kernel pair a :class:`_WeightsKernel` runs: ``<kernel>_forward/backward`` called with the tensors,
+    each tensor's mean and ``1/std`` (``reciprocal``) or std, then ``fwd_extra`` / ``bwd_extra``."""
+
+    kernel: str
+    reciprocal: bool
+    fwd_extra: tuple
+    bwd_extra: tuple
+    keep: Tensor | None = None  # a tensor whose pointer is in fwd_extra (kept alive here)
+
+
+class _WeightsKernel(torch.autograd.Function):
+    """Many weight tensors in one forward and one backward kernel call: one autograd node for all of them."""
+
     @staticmethod
-    def forward(ctx, n: int, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        lib, sfx = _lib(), _sfx(ws[0])
-        mean, std = mean_std(ws)
-        rec = std.reciprocal()
+    def forward(ctx, spec: _WeightsSpec, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
+        mean, sd = mean_std(ws)
+        second = sd.reciprocal() if spec.reciprocal else sd
         outs = [torch.empty_like(w) for w in ws]
-        sizes = torch.tensor([w.numel() for w in ws], dtype=torch.int64)
-        thr, wp, op = _thresholds(n, ws[0].dtype), _ptrs(ws), _ptrs(outs)
-        _check(getattr(lib, f"climbq_weights_forward_{sfx}")(
-            len(ws), wp.data_ptr(), sizes.data_ptr(), op.data_ptr(), mean.data_ptr(), rec.data_ptr(),
-            thr.data_ptr(), n, torch.get_num_threads()))
+        sizes, wp, op = torch.tensor([w.numel() for w in ws], dtype=torch.int64), _ptrs(ws), _ptrs(outs)
+        _check(getattr(_lib(), f"{spec.kernel}_forward_{_sfx(ws[0])}")(
+            len(ws), wp.data_ptr(), sizes.data_ptr(), op.data_ptr(), mean.data_ptr(), second.data_ptr(),
+            *spec.fwd_extra, torch.get_num_threads()))
         ctx.save_for_backward(*ws)
-        ctx.stats, ctx.sizes = (mean, rec), sizes
+        ctx.stats, ctx.sizes, ctx.spec = (mean, second), sizes, spec
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
@@ -161,63 +162,35 @@ class _ClimbQWeights(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
         _no_double_backward()
         ws = ctx.saved_tensors
-        mean, rec = ctx.stats
+        mean, second = ctx.stats
         gs = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, ws, strict=True)]
         gws = [torch.empty_like(w) for w in ws]
         wp, gp, gwp = _ptrs(ws), _ptrs(gs), _ptrs(gws)
-        _check(getattr(_lib(), f"climbq_weights_backward_{_sfx(ws[0])}")(
-            len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(),
-            mean.data_ptr(), rec.data_ptr(), torch.get_num_threads()))
+        _check(getattr(_lib(), f"{ctx.spec.kernel}_backward_{_sfx(ws[0])}")(
+            len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(), mean.data_ptr(),
+            second.data_ptr(), *ctx.spec.bwd_extra, torch.get_num_threads()))
         return (None, *(None if g is None else gw for g, gw in zip(grads, gws, strict=True)))
+
+
+def _run_weights(spec: _WeightsSpec, ws: Sequence[Tensor]) -> list[Tensor]:
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return list(_WeightsKernel.apply(spec, *ws))
+    with torch.no_grad():
+        return list(_WeightsKernel.forward(_NoCtx(), spec, *ws))
 
 
 def climbq_weights(ws: Sequence[Tensor], bits: int) -> list[Tensor]:
     """ClimbQ's ``2 U_k(Phi((w - mean w) / std w)) - 1`` of each tensor in one call (module docstring)."""
     n = 2**bits - 1
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-        return list(_ClimbQWeights.apply(n, *ws))
-    with torch.no_grad():
-        return list(_ClimbQWeights.forward(_NoCtx(), n, *ws))
-
-
-class _LifeQuantWeights(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, n: int, std: float, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        lib, sfx = _lib(), _sfx(ws[0])
-        mean, sd = mean_std(ws)
-        outs = [torch.empty_like(w) for w in ws]
-        sizes = torch.tensor([w.numel() for w in ws], dtype=torch.int64)
-        merged = int(math.frexp(std)[0] == 0.5)  # std a power of two: z std n == z (std n) exactly
-        wp, op = _ptrs(ws), _ptrs(outs)
-        _check(getattr(lib, f"lifequant_weights_forward_{sfx}")(
-            len(ws), wp.data_ptr(), sizes.data_ptr(), op.data_ptr(), mean.data_ptr(), sd.data_ptr(),
-            std, merged, n, torch.get_num_threads()))
-        ctx.save_for_backward(*ws)
-        ctx.stats, ctx.sizes, ctx.std = (mean, sd), sizes, std
-        ctx.set_materialize_grads(False)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
-        _no_double_backward()
-        ws = ctx.saved_tensors
-        mean, sd = ctx.stats
-        gs = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, ws, strict=True)]
-        gws = [torch.empty_like(w) for w in ws]
-        wp, gp, gwp = _ptrs(ws), _ptrs(gs), _ptrs(gws)
-        _check(getattr(_lib(), f"lifequant_weights_backward_{_sfx(ws[0])}")(
-            len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(),
-            mean.data_ptr(), sd.data_ptr(), ctx.std, torch.get_num_threads()))
-        return (None, None, *(None if g is None else gw for g, gw in zip(grads, gws, strict=True)))
+    thr = _thresholds(n, ws[0].dtype)
+    return _run_weights(_WeightsSpec("climbq_weights", True, (thr.data_ptr(), n), (), thr), ws)
 
 
 def lifequant_weights(ws: Sequence[Tensor], bits: int, std: float) -> list[Tensor]:
     """LifeQuant's ``Q_k(std (w - mean w) / std(w))`` (k >= 2, no clip) of each tensor in one call."""
-    n = 2**bits - 1
-    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
-        return list(_LifeQuantWeights.apply(n, float(std), *ws))
-    with torch.no_grad():
-        return list(_LifeQuantWeights.forward(_NoCtx(), n, float(std), *ws))
+    merged = int(math.frexp(std)[0] == 0.5)  # std a power of two: z std n == z (std n) exactly
+    std = float(std)
+    return _run_weights(_WeightsSpec("lifequant_weights", False, (std, merged, 2**bits - 1), (std,)), ws)
 
 
 class _NoCtx:
