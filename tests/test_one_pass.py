@@ -161,3 +161,12 @@ def test_layers_of_different_dtypes_form_different_groups():
     keys = [k for k in weight_groups(model)]
     assert len(keys) == 1 and keys[0][1][1] == torch.float32  # the float64 layer is alone: per layer
     assert isinstance(model[0], QuantConv2d)
+
+
+def test_no_hook_for_quantizers_that_cannot_group():
+    from paperlib.quant import DoReFaWeight
+
+    model = quantize_model(small_net(), weight=lambda _: DoReFaWeight(4))
+    assert not one_pass_enabled(model) and not model._forward_pre_hooks
+    quantize_model(model, weight=lambda _: CountingQuantizer())  # replaced by groupable ones: the hook comes
+    assert one_pass_enabled(model)

@@ -221,8 +221,9 @@ def quantize_model(
     the first and last weight layers in full precision. Calling it again on a quantized model replaces the
     quantizers (the latent weights are kept).
 
-    ``one_pass=True`` (default) quantizes the weights of all layers whose quantizers allow it in one call per
-    forward (:func:`set_one_pass`; same values, fewer autograd nodes); ``False`` keeps one call per layer.
+    ``one_pass=True`` (default) quantizes the weights of all layers whose quantizers allow it (``group_key``) in
+    one call per forward (:func:`set_one_pass`; same values, fewer autograd nodes); ``False`` keeps one call per
+    layer.
     """
     if isinstance(skip, str):
         if skip != "first_last":
@@ -248,8 +249,9 @@ def quantize_model(
         for m in model.modules():
             if isinstance(m, ActSlot):
                 m.quantizer = activation()
-    if one_pass != one_pass_enabled(model):
-        set_one_pass(model, one_pass)
+    want = one_pass and any(hasattr(m.weight_quantizer, "group_key") for m in quantized_layers(model).values())
+    if want != one_pass_enabled(model):  # no hook at all for quantizers that cannot group (CBP, DGMS, LSQ...)
+        set_one_pass(model, want)
     return model
 
 
