@@ -277,3 +277,15 @@ def test_modules_repr_and_copy():
     assert "native=False" in repr(q) and "native" not in repr(C.ClimbQWeight(4))
     assert copy.deepcopy(C.ClimbQActivation(4, native=True)).native is True
     assert "native=True" in repr(LQ.LifeQuantWeight(4, native=True))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zero_takes_the_upper_middle_level_as_round_half_to_even_does(bits):
+    """Phi(0) n = n/2 is a tie (n odd): torch.round gives the even (n + 1)/2, as does the kernel's a >= t."""
+    n = 2**bits - 1
+    x = torch.tensor([0.0, -0.0])
+    want = torch.full((2,), (n + 1) / 2) / (n / 2) - 1
+    for native in (True, False):
+        assert torch.equal(C.quantize_activation(x, bits, 2.0, 1.0, native=native), want)
+    w = torch.tensor([-1.0, 0.0, 1.0])  # the middle weight is its tensor's mean
+    assert C.quantize_weight(w, bits, native=True)[1] == C.quantize_weight(w, bits, native=False)[1]
