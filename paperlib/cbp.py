@@ -903,6 +903,28 @@ class CBP:
         return {"epoch": self.epochs, "event": event, "g": self.g, "lr_factor": lr_factor,
                 "events": self.events, "p": self.p, "loss_sum": l_sum}
 
+    @property
+    def lagrangian_sum(self) -> Tensor | None:
+        """This epoch's running ``L_sum`` (Σ over minibatches of CE + Σλ·cs, spec §1.5a) as accumulated by
+        :meth:`criterion`/:meth:`lagrangian`: a 0-d float64 tensor on the device, or ``None`` before the first
+        batch of the epoch. :meth:`end_of_epoch` reads it (and resets it to ``None``)."""
+        return self._l_sum
+
+    def set_lagrangian_sum(self, value: Tensor | float | None) -> None:
+        """Replace this epoch's running ``L_sum`` (e.g. with its mean over the DDP ranks before
+        :meth:`end_of_epoch`, :class:`paperlib.distributed.SyncedCBP`); ``None`` clears it. The batch count is
+        kept."""
+        if value is None:
+            self._l_sum = None
+            return
+        if isinstance(value, bool) or not isinstance(value, Tensor | int | float):
+            raise TypeError(f"set_lagrangian_sum needs a scalar tensor, a number or None, got {type(value).__name__}")
+        t = torch.as_tensor(value)
+        if t.numel() != 1:
+            raise ValueError(f"set_lagrangian_sum needs a single value (L_sum is a scalar), got shape {tuple(t.shape)}")
+        device = self._l_sum.device if self._l_sum is not None else self.lambdas[0].device
+        self._l_sum = t.detach().reshape(()).to(device=device, dtype=torch.float64)
+
     # --- observation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
@@ -1326,13 +1348,17 @@ def check_cbp_config(cfg: Mapping[str, Any]) -> None:
     bad = [v for v in cfg["variants"] if v not in VARIANTS]
     if bad:
         raise ValueError(f"cbp variants {bad} unknown: use some of {list(VARIANTS)}")
+    why = {"periods": "post-training periods per run; 0 is no post-training, which the run reports anyway as "
+                      "the projected network (metrics['projected'])",
+           "eval_every": "evaluate every this many periods"}
     for key in ("periods", "eval_every"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"cbp setting {key}={cfg[key]!r}: must be an int >= 1")
+            raise ValueError(f"cbp setting {key}={cfg[key]!r}: must be an int >= 1 ({why[key]})")
     if isinstance(cfg["period_steps"], bool) or not isinstance(cfg["period_steps"], int) or cfg["period_steps"] < 0:
         raise ValueError(f"period_steps={cfg['period_steps']!r}: batches per period, an int >= 0 (0: one pass)")
     if isinstance(cfg["workers"], bool) or not isinstance(cfg["workers"], int) or cfg["workers"] < 1:
-        raise ValueError(f"workers={cfg['workers']!r}: number of processes, an int >= 1")
+        raise ValueError(f"cbp setting workers={cfg['workers']!r}: number of processes, an int >= 1 (1: every "
+                         "post-training run in this process; > 1: that many CPU processes in parallel)")
 
 
 # --- data and FP networks ---------------------------------------------------------------------------------

@@ -441,8 +441,12 @@ def _report_row(report: dict[str, Any], tail: int) -> dict[str, Any]:
 
 def finetune(fp_model: nn.Module, method: str, bits: int, splits: LongTailSplits, cfg: dict[str, Any], seed: int,
              device: torch.device, progress: bool | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize ``fp_model`` for ``method``, fine-tune it, select the epoch; ``(model, result)``."""
+    """Quantize ``fp_model`` for ``method``, fine-tune it, select the epoch; ``(model, result)``.
+
+    ``cfg["qat_epochs"] = 0``: no fine-tuning (:func:`post_training_eval`)."""
     q = quantize_for_method(fp_model, method, bits, cfg)
+    if cfg["qat_epochs"] == 0:
+        return q, post_training_eval(q, method, splits, cfg, seed, device)
     k = splits.train.num_classes
     tcfg = TrainConfig(epochs=cfg["qat_epochs"], lr=cfg["qat_lr"], momentum=cfg["momentum"],
                        weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"], scheduler=cfg["qat_scheduler"],
@@ -470,6 +474,27 @@ def finetune(fp_model: nn.Module, method: str, bits: int, splits: LongTailSplits
            "sigma_max_dev_full": None if sigma is None else sigma.max_deviation_full,
            "homovar": None if hv is None else hv.last_epoch}
     return q, out
+
+
+def post_training_eval(q: nn.Module, method: str, splits: LongTailSplits, cfg: dict[str, Any], seed: int,
+                       device: torch.device) -> dict[str, Any]:
+    """``finetune``'s result for ``qat_epochs = 0``: the quantized model ``q`` evaluated as is (post-training
+    quantization; eval mode, so ClimbQ's activations use ``eval_sigma``). ``best_epoch`` is -1 and the history
+    empty. With ``ClimbQ+HomoVar`` (which then equals ``ClimbQ+CE``: the loss only acts through training) HomoVar's
+    per-class diagnostics are *measured* on one pass over the shuffled training batches (seed ``seed``,
+    ``batch_size``) in eval mode without any update, in place of the last fine-tuning epoch's."""
+    q.to(device).eval()
+    hv = None
+    if method == CLIMBQ_HV:
+        counts = "batch" if cfg["homovar_counts"] == "batch" else splits.counts
+        hv = HomoVarCriterion(counts, cfg["alpha"], cfg["beta"], cfg["homovar_base"])
+        with torch.no_grad():
+            for x, y in TensorLoader(splits.train.to(device), cfg["batch_size"], shuffle=True, seed=seed):
+                hv(q, x, y)
+        hv.on_epoch_end(0, {})
+    report = evaluate(q, splits.test, device=device)
+    return {**_report_row(report, cfg["tail_classes"]), "best_epoch": -1, "history": [], "sigma_max_dev": None,
+            "sigma_max_dev_full": None, "homovar": None if hv is None else hv.last_epoch}
 
 
 # --------------------------------------------------------------------------------------------- the driver
@@ -521,6 +546,15 @@ def check_config(cfg: dict[str, Any]) -> None:
         raise ValueError(f"selection={cfg['selection']!r}: use one of {SELECTIONS}")
     if cfg["homovar_counts"] not in ("dataset", "batch"):
         raise ValueError(f"homovar_counts={cfg['homovar_counts']!r}: use 'dataset' (the original) or 'batch'")
+    for key in ("fp_epochs", "qat_epochs"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{key}={v!r}: epochs must be an int >= 0 (fp_epochs=0: fine-tune from the random "
+                             "initialisation; qat_epochs=0: quantize without fine-tuning; None in the notebook: the "
+                             "preset's)")
+    if cfg["fp_epochs"] == 0 and cfg["qat_epochs"] == 0:
+        raise ValueError("fp_epochs=0 and qat_epochs=0: every model would stay at its random initialisation; "
+                         "train at least one stage (fp_epochs >= 1 or qat_epochs >= 1)")
 
 
 def run_climbq(cfg: dict[str, Any], device: str = "auto", data_dir: str = "", *, runs_root: str | Path | None = None,
@@ -530,7 +564,9 @@ def run_climbq(cfg: dict[str, Any], device: str = "auto", data_dir: str = "", *,
 
     ``runs_root`` locates the FP32 cache (``<runs_root>/_cache``; default ``runs/_cache``). With ``models_dir``
     the FP32 starting points and the W{save_bits}A{save_bits} models are saved there as state dicts, listed in
-    ``metrics["models"]`` and in ``models_dir/index.json``.
+    ``metrics["models"]`` and in ``models_dir/index.json``. ``fp_epochs = 0`` fine-tunes from the seeded random
+    initialisation (the FP32 row is that untrained network); ``qat_epochs = 0`` evaluates each quantized model
+    without fine-tuning (:func:`post_training_eval`); both 0 is refused.
     """
     check_config(cfg)
     dev = resolve_device(device)
@@ -566,13 +602,16 @@ def _run_climbq(cfg: dict[str, Any], dev: torch.device, data_dir: str, runs_root
                                          cfg["sigma_check_epochs"], mode=cfg["sigma_mode"], counts=splits.counts)
         kw = model_kwargs(cfg, splits.train.num_classes, splits.train.x.shape[1])
         for seed in cfg["seeds"]:
-            fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], momentum=cfg["momentum"],
-                                 weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
-                                 scheduler=cfg["fp_scheduler"], milestones=list(cfg["milestones"]), seed=seed,
-                                 augment=cfg["augment"])
             torch.manual_seed(seed)  # pretrained_fp32 builds (initialises) the model before fit seeds the RNG
-            fp_model, _ = pretrained_fp32(cfg["model"], kw, splits.train, splits.test, fp_cfg, device=dev,
-                                          cache_dir=cache_dir, progress=progress)
+            if cfg["fp_epochs"] == 0:  # no pretraining: the seeded initialisation (quantized training from scratch)
+                fp_model = create_model(cfg["model"], **kw).to(dev)
+            else:
+                fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], momentum=cfg["momentum"],
+                                     weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
+                                     scheduler=cfg["fp_scheduler"], milestones=list(cfg["milestones"]), seed=seed,
+                                     augment=cfg["augment"])
+                fp_model, _ = pretrained_fp32(cfg["model"], kw, splits.train, splits.test, fp_cfg, device=dev,
+                                              cache_dir=cache_dir, progress=progress)
             base = {"gamma": gamma, "seed": seed}
             if FP32 in methods:
                 rep = evaluate(fp_model, splits.test, device=dev)

@@ -1344,6 +1344,39 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         raise ValueError(f"selection={cfg['selection']!r}: use 'last' or 'best_test' (the code: best test top-1)")
     if not cfg["seeds"]:
         raise ValueError("seeds is empty: give at least one seed, e.g. [0, 1, 2]")
+    _check_counts(cfg)
+
+
+#: integer settings and their smallest valid value, with what 0 means where 0 is allowed (a notebook override of
+#: 0 reaches the driver: presets.resolve keeps it)
+INT_SETTINGS: dict[str, tuple[int, str]] = {
+    "epochs": (0, "0: no fine-tuning, every DGMS variant and the uniform baseline are evaluated right after "
+                  "quantization"),
+    "fp_epochs": (0, "0 only for models loaded from fp32_weights: DGMS compresses a trained FP32 network"),
+    "bn_recal_batches": (0, "0: all training batches"), "num_workers": (0, "0: load in this process"),
+    "num_threads": (0, "0: torch's default"), "chunk_elements": (0, "0: the device's default"),
+    "num_classes": (0, "0: from the data"), "hist_layers": (0, "0: one layer"),
+    "traj_points_per_epoch": (0, "0: one point per epoch"),
+    "n_init": (1, ""), "batch_size": (1, ""), "eval_batch_size": (1, ""), "fp_batch_size": (1, ""),
+    "probe_samples": (1, ""), "hist_bins": (1, ""), "curve_points": (2, ""),
+}
+
+
+def _check_counts(cfg: dict[str, Any]) -> None:
+    """Integer settings in range (:data:`INT_SETTINGS`), learning rates positive, fp_epochs = 0 only with weights."""
+    for key, (low, zero) in INT_SETTINGS.items():
+        v = cfg.get(key, low)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"dgms setting {key}={v!r}: must be an int >= {low}" + (f" ({zero})" if zero else ""))
+    for key in ("lr", "uniform_lr", "fp_lr"):
+        v = cfg.get(key, 1.0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+            raise ValueError(f"dgms setting {key}={v!r}: learning rates must be positive numbers")
+    untrained = [m for m in cfg["models"] if not cfg["fp32_weights"].get(m)]
+    if cfg.get("fp_epochs", 1) == 0 and untrained:
+        raise ValueError(f"dgms setting fp_epochs=0: the FP32 starting point of {untrained} would be an untrained "
+                         "network, and DGMS compresses a trained one: use fp_epochs >= 1, or name a weight file for "
+                         "each model in fp32_weights")
 
 
 def _manifest_fingerprint(*paths: Path) -> str:
@@ -1423,10 +1456,15 @@ def _finetune(model: nn.Module, cfg: dict[str, Any], data: dict[str, Any], seed:
               extra: Sequence[Callback] = (), progress: bool | None = None, lr: float | None = None) -> dict[str, Any]:
     """Train a quantized model with the code's protocol (§1.6): one SGD group with every parameter,
     OneCycle per batch (``schedule``) to ``lr`` (default ``cfg["lr"]``), cross entropy; ``selection`` last
-    or best test epoch."""
+    or best test epoch. ``epochs = 0``: no training (the model stays as quantized; ``extra`` callbacks get
+    ``on_train_start`` only)."""
     lr = cfg["lr"] if lr is None else lr
-    train = data["train"](seed) if data["loader"] else data["train"]
     steps = _steps_per_epoch(cfg, data, seed)
+    if cfg["epochs"] == 0:  # no fine-tuning: the model as quantized (the callbacks see the start only)
+        for cb in extra:
+            cb.on_train_start(model, None)  # type: ignore[arg-type]  # no optimizer: nothing is trained
+        return {"train_s": 0.0, "steps_per_epoch": steps, "best_epoch": None}
+    train = data["train"](seed) if data["loader"] else data["train"]
     onecycle = cfg["schedule"] == "onecycle"
     tcfg = TrainConfig(epochs=cfg["epochs"], lr=lr, momentum=cfg["momentum"],
                        weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
@@ -1475,6 +1513,8 @@ def run_dgms(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
     codes changed, sparsity/CR/bytes, the at-most-K-values invariant and :func:`boundary_probe` before and
     after. Figure data (histograms, mixtures, mu trajectories, S/P curves) come from the first model and seed.
     ``num_threads`` > 0 sets ``torch.set_num_threads`` for the run (restored afterwards); 0 keeps torch's.
+    ``epochs = 0`` skips the fine-tuning: the DGMS variants and the uniform baseline are evaluated as quantized
+    (what 0 means for the other integer settings: :data:`INT_SETTINGS`).
     """
     _check_cfg(cfg)
     with cpu_threads(cfg["num_threads"]):

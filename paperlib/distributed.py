@@ -21,7 +21,10 @@ global batch too (issue 9):
 - LSQ's activation step is initialised from the first training batch: :func:`install_global_lsq_init` makes
   it the mean over the global batch (``fit`` installs it);
 - per-class counts of a sharded dataset: :func:`global_class_counts` (LifeQuant/BaLL's counts come from the
-  dataset, which every rank holds in memory, so they are global already).
+  dataset, which every rank holds in memory, so they are global already);
+- batch norm in train mode normalises with each rank's shard statistics, as in plain DDP; ``fit(...,
+  sync_batchnorm=True)`` (CUDA only) trains with :func:`convert_sync_batchnorm`'s ``torch.nn.SyncBatchNorm``
+  layers instead (global-batch statistics) and reverts them afterwards.
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ from .train import Callback
 __all__ = [
     "DistInfo", "GlobalHomoVarCriterion", "GlobalHomoVarLoss", "GlobalSigmaScaling", "SyncedCBP", "all_gather_cat",
     "all_gather_object", "all_reduce", "barrier", "broadcast_buffers", "broadcast_object", "check_global_hooks",
-    "env_world_size", "global_batch_sigma", "global_class_counts", "group_up", "info", "init_distributed",
-    "install_global_lsq_init", "is_distributed", "is_main", "lambda_digest", "local_only", "rank", "session",
-    "shard_bounds", "shutdown", "world_size",
+    "convert_sync_batchnorm", "env_world_size", "global_batch_sigma", "global_class_counts", "group_up", "info",
+    "init_distributed", "install_global_lsq_init", "is_distributed", "is_main", "lambda_digest", "local_only",
+    "rank", "revert_sync_batchnorm", "session", "shard_bounds", "shutdown", "world_size",
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -282,6 +285,44 @@ def global_class_counts(labels: Tensor, num_classes: int) -> Tensor:
     return all_reduce(counts, "sum")
 
 
+# --------------------------------------------------------------------------------------------- SyncBatchNorm
+
+
+BNSwap = tuple[nn.Module, str, nn.Module]
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> list[BNSwap]:
+    """Replace every BatchNorm layer of ``model`` (in place) by ``torch.nn.SyncBatchNorm`` sharing its parameters
+    and buffers (``SyncBatchNorm.convert_sync_batchnorm`` per layer). Returns ``[(parent, name, original)]`` for
+    :func:`revert_sync_batchnorm`. ``model`` itself must not be a BN layer (it could not be replaced in place).
+    SyncBatchNorm normalises with the statistics of the global batch, on CUDA only (torch)."""
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise TypeError("convert_sync_batchnorm converts the BN layers inside a model; the model itself is a BN "
+                        "layer, which cannot be replaced in place: call torch.nn.SyncBatchNorm."
+                        "convert_sync_batchnorm(layer) and use the layer it returns")
+    swaps: list[BNSwap] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, process_group))
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def revert_sync_batchnorm(swaps: Sequence[BNSwap]) -> None:
+    """Undo :func:`convert_sync_batchnorm`: put the original BN modules back, holding the SyncBatchNorm layers'
+    current parameters and buffers (the same tensors: moved by ``.to()`` and trained in place) and train/eval
+    mode."""
+    for parent, name, original in reversed(list(swaps)):
+        sync = getattr(parent, name)
+        for key in original._parameters:  # noqa: SLF001 (re-point, do not copy: exactly the trained tensors)
+            original._parameters[key] = sync._parameters[key]  # noqa: SLF001
+        for key in original._buffers:  # noqa: SLF001
+            original._buffers[key] = sync._buffers[key]  # noqa: SLF001
+        original.train(sync.training)
+        setattr(parent, name, original)
+
+
 # --------------------------------------------------------------------------------------------- ClimbQ
 
 
@@ -382,9 +423,9 @@ class SyncedCBP(Callback):
         self.cbp.after_step(model)
 
     def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
-        local = self.cbp._l_sum  # noqa: SLF001 (the controller has no public accessor for the running sum)
+        local = self.cbp.lagrangian_sum
         if is_distributed() and local is not None:
-            self.cbp._l_sum = all_reduce(local.detach().clone(), "mean")  # noqa: SLF001
+            self.cbp.set_lagrangian_sum(all_reduce(local.detach().clone(), "mean"))
         self.cbp.on_epoch_end(epoch, stats)
 
     def state_dict(self) -> dict[str, Any]:

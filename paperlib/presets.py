@@ -29,10 +29,13 @@ def register_presets(notebook: str, table: dict[str, dict[str, Any]]) -> None:
 
 
 def resolve(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
-    """The preset's settings for ``notebook`` with non-empty ``overrides`` applied.
+    """The preset's settings for ``notebook`` with the given ``overrides`` applied.
 
-    An override of ``None``, ``""``, ``0`` or ``[]`` means "use the preset's value", so a notebook's
-    parameters cell can default every knob to empty.
+    Only an *unset* override means "use the preset's value": ``None``, and the empty containers ``""``,
+    ``[]`` and ``{}`` (an empty string, list or dict is never a meaningful setting), so a notebook's parameters
+    cell can default every knob to ``None`` (numbers) or empty (strings, lists, dicts). ``0``, ``0.0`` and
+    ``False`` are values: ``lam=0.0`` asks for lambda = 0, ``qat_epochs=0`` for no fine-tuning; the experiment's
+    driver then does exactly that or refuses it with an error naming the setting and its valid range.
     """
     if notebook not in PRESETS:
         raise ValueError(f"no presets for notebook {notebook!r}; known: {sorted(PRESETS)} "
@@ -43,8 +46,19 @@ def resolve(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
     for key, value in overrides.items():
         if key not in cfg:
             raise ValueError(f"{key!r} is not a setting of {notebook}; settings: {sorted(cfg)}")
-        if value is None or value == "" or value == [] or (value == 0 and not isinstance(value, bool)):
+        if is_unset(value):
             continue
         cfg[key] = value
     cfg["preset"] = preset
     return cfg
+
+
+def is_unset(value: Any) -> bool:
+    """Whether a notebook parameter means "the preset's value": ``None``, ``""``, ``[]``/``()`` or ``{}``.
+
+    Numbers and booleans are never unset (0, 0.0 and False are values)."""
+    if value is None:
+        return True
+    if isinstance(value, str | list | tuple | dict):
+        return len(value) == 0
+    return False

@@ -10,10 +10,12 @@ import copy
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from .data.load import load_dataset
 from .device import cpu_threads
+from .models import create_model
 from .presets import register_presets
 from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
@@ -40,11 +42,44 @@ def uniform_qat(model: nn.Module, bits: int, act_clip: float = 1.0) -> nn.Module
                           activation=lambda: ClippedActivation(bits, act_clip), skip="first_last")
 
 
+def check_epochs(cfg: dict[str, Any]) -> None:
+    """``fp_epochs`` and ``qat_epochs`` are ints >= 0, not both 0 (a clear error naming the setting otherwise).
+
+    ``fp_epochs = 0``: no FP32 pretraining: the FP32 row is the seeded random initialisation and QAT starts
+    from it (quantized training from scratch). ``qat_epochs = 0``: no fine-tuning: each W{b}A{b} model is the
+    FP32 network quantized and evaluated as is (a post-training quantization baseline).
+    """
+    for key in ("fp_epochs", "qat_epochs"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{key}={v!r}: epochs must be an int >= 0 (0: skip that stage; None in the notebook: "
+                             "the preset's)")
+    if cfg["fp_epochs"] == 0 and cfg["qat_epochs"] == 0:
+        raise ValueError("fp_epochs=0 and qat_epochs=0: every network would stay at its random initialisation; "
+                         "train at least one stage (fp_epochs >= 1 or qat_epochs >= 1)")
+
+
 def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
                    progress: bool | None = None) -> dict[str, Any]:
-    """Train FP32 then fine-tune uniform W{b}A{b} from it for each seed; return the metrics dict."""
+    """Train FP32 then fine-tune uniform W{b}A{b} from it for each seed; return the metrics dict.
+
+    ``fp_epochs = 0`` starts QAT from the random initialisation, ``qat_epochs = 0`` evaluates the quantized
+    FP32 network without fine-tuning (see :func:`check_epochs`)."""
+    check_epochs(cfg)
     with cpu_threads(cfg["threads"]):
         return _run_quickstart(cfg, device, data_dir, progress)
+
+
+def _fp32_start(cfg: dict[str, Any], kwargs: dict[str, Any], train: Any, test: Any, seed: int, dev: Any,
+                progress: bool | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The FP32 network of ``seed``: trained (cached) for ``fp_epochs``, or its seeded initialisation at 0."""
+    if cfg["fp_epochs"] == 0:
+        torch.manual_seed(seed)  # the same initial weights pretrained_fp32 starts from
+        model = create_model("resnet20", **kwargs).to(dev)
+        return model, evaluate(model, test, device=dev)
+    fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["batch_size"], seed=seed,
+                         augment=cfg["augment"])
+    return pretrained_fp32("resnet20", kwargs, train, test, fp_cfg, device=dev, progress=progress)
 
 
 def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
@@ -54,23 +89,23 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
     rows: list[dict[str, Any]] = []
     histories: dict[str, list] = {}
     for seed in cfg["seeds"]:
-        fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["batch_size"], seed=seed,
-                             augment=cfg["augment"])
         kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1], "shortcut": "B",
                   "act_position": "post_relu"}
-        model, report = pretrained_fp32("resnet20", kwargs, train, test, fp_cfg, device=dev, progress=progress)
+        model, report = _fp32_start(cfg, kwargs, train, test, seed, dev, progress)
         rows.append({"seed": seed, "method": "FP32", "bits": 32, "top1": report["top1"],
                      "balanced_accuracy": report["balanced_accuracy"]})
         for bits in cfg["bits"]:
             q = uniform_qat(model, bits, cfg["act_clip"])
-            q_cfg = TrainConfig(epochs=cfg["qat_epochs"], lr=cfg["qat_lr"], batch_size=cfg["batch_size"],
-                                seed=seed, augment=cfg["augment"])
-            res_q = fit(q, train, test, q_cfg, device=dev, progress=progress)
+            history: list[dict[str, Any]] = []
+            if cfg["qat_epochs"] > 0:
+                q_cfg = TrainConfig(epochs=cfg["qat_epochs"], lr=cfg["qat_lr"], batch_size=cfg["batch_size"],
+                                    seed=seed, augment=cfg["augment"])
+                history = fit(q, train, test, q_cfg, device=dev, progress=progress).history
             final = evaluate(q, test)
             name = f"uniform W{bits}A{bits}"
             rows.append({"seed": seed, "method": name, "bits": bits, "top1": final["top1"],
                          "balanced_accuracy": final["balanced_accuracy"]})
-            histories[f"{name}/seed{seed}"] = res_q.history
+            histories[f"{name}/seed{seed}"] = history
     per_seed = pd.DataFrame(rows)
     summary = summarize(per_seed, "method", ["top1", "balanced_accuracy"])
     fp = summary.loc[summary["method"] == "FP32", "top1_mean"].item()

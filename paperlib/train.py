@@ -12,7 +12,9 @@ Under ``torchrun`` (a process group of several processes, :mod:`paperlib.distrib
 permutation (``config.batch_size`` is the global batch, as in a single process), the gradients are averaged with
 per-rank weights ``n_rank * W / n_global`` (= the gradient of the global-batch mean loss), BN buffers are
 synchronised from rank 0 at every epoch end, the test set is evaluated in shards whose logits are all-gathered,
-and only rank 0 writes the checkpoint.
+and only rank 0 writes the checkpoint (with every rank's RNG state; ``resume=True`` under DDP restores each rank's
+own, so an interrupted DDP run continues exactly as the uninterrupted one). ``sync_batchnorm=True`` converts the BN
+layers to ``torch.nn.SyncBatchNorm`` for the run (CUDA only: torch's SyncBatchNorm rejects CPU tensors).
 """
 
 from __future__ import annotations
@@ -266,6 +268,24 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint_exists(checkpoint: str | Path, ddp: bool) -> bool:
+    """Whether ``checkpoint`` exists; under DDP every rank must see the same answer (rank 0 wrote the file, the
+    others read it too), else a clear error on every rank instead of ranks resuming from different epochs."""
+    exists = Path(checkpoint).exists()
+    if not ddp:
+        return exists
+    from . import distributed as pdist
+
+    seen = pdist.all_gather_object(exists)
+    if len(set(seen)) > 1:
+        have = [r for r, e in enumerate(seen) if e]
+        lack = [r for r, e in enumerate(seen) if not e]
+        raise RuntimeError(f"resume: the checkpoint {checkpoint} exists for rank(s) {have} but not for rank(s) "
+                           f"{lack}; rank 0 writes it and every rank reads it, so put it on a file system all "
+                           "processes share (or copy it to the same path on every machine)")
+    return exists
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -295,6 +315,7 @@ def fit(
     progress: bool | None = None,
     distributed: bool | None = None,
     find_unused_parameters: bool = False,
+    sync_batchnorm: bool = False,
 ) -> TrainResult:
     """Train ``model`` and evaluate it on ``test`` after every ``eval_every`` epochs.
 
@@ -309,8 +330,20 @@ def fit(
     ``False`` trains this process alone. ``find_unused_parameters`` is DDP's option, for models with
     parameters that get no gradient in some steps. Callbacks receive the unwrapped model and this rank's
     ``x, y``; the ClimbQ/CBP hooks need their global versions (:mod:`paperlib.distributed`).
+
+    Under DDP every rank reads ``checkpoint`` when resuming (rank 0 wrote it: the path must be visible to every
+    process, e.g. a shared file system; the ranks check that they agree on whether it exists), and each rank
+    gets back its own RNG state when the world size is the same.
+
+    ``sync_batchnorm``: under DDP, train with every BN layer converted to ``torch.nn.SyncBatchNorm`` (batch
+    statistics of the global batch, as in one process); the model gets its own BN modules back, holding the
+    trained parameters and statistics, when ``fit`` returns. CUDA only (torch's SyncBatchNorm has no CPU path):
+    on another device it raises ``ValueError``. Without DDP it changes nothing (one process already normalises
+    with the statistics of the whole batch).
     """
     ddp = _use_ddp(distributed)
+    if not isinstance(sync_batchnorm, bool):
+        raise TypeError(f"sync_batchnorm={sync_batchnorm!r} must be True or False")
     kwargs = dict(criterion=criterion, callbacks=callbacks, optimizer=optimizer, device=device, checkpoint=checkpoint,
                   resume=resume, progress=progress, ddp=ddp, find_unused_parameters=find_unused_parameters)
     if not ddp and _use_ddp(None):  # one rank trains alone inside a process group: no collectives anywhere
@@ -318,7 +351,21 @@ def fit(
 
         with local_only():
             return _fit(model, train, test, config, **kwargs)
-    return _fit(model, train, test, config, **kwargs)
+    if not (ddp and sync_batchnorm):
+        return _fit(model, train, test, config, **kwargs)
+    from . import distributed as pdist
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"sync_batchnorm=True needs CUDA: torch.nn.SyncBatchNorm only runs on GPU tensors (its "
+                         f"forward raises on {dev.type} tensors), and this DDP run trains on {dev}; train on CUDA "
+                         "(--device cuda, backend nccl) or leave sync_batchnorm off (no --sync-bn): BN then normalises "
+                         "with each process's own batch statistics")
+    swaps = pdist.convert_sync_batchnorm(model)
+    try:
+        return _fit(model, train, test, config, **kwargs)
+    finally:
+        pdist.revert_sync_batchnorm(swaps)
 
 
 def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | Iterable | None,
@@ -352,14 +399,16 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
     sched = make_scheduler(opt, cfg)
     result = TrainResult()
     start_epoch = 0
-    if resume and checkpoint is not None and Path(checkpoint).exists():
+    if resume and checkpoint is not None and _checkpoint_exists(checkpoint, ddp):
         state = torch.load(checkpoint, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
         _load_callback_states(callbacks, state["callbacks"])
-        _set_rng_state(state["rng"], loader)
+        ranks_rng = state.get("rng_ranks")
+        own = ranks_rng is not None and len(ranks_rng) == world
+        _set_rng_state(ranks_rng[rank] if own else state["rng"], loader)
         result.history = state["history"]
         start_epoch = state["epoch"] + 1
     for cb in callbacks:
@@ -438,12 +487,19 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
             if not math.isfinite(rep["loss"]):
                 stats["test_loss"] = None
         result.history.append(stats)
-        if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": None if sched is None else sched.state_dict(), "callbacks": _callback_states(callbacks),
-                "rng": _rng_state(loader), "history": result.history, "config": asdict(cfg),
-            })
+        if checkpoint is not None:
+            rng = _rng_state(loader)
+            rng_ranks = pdist.all_gather_object(rng) if ddp else None  # every rank's own RNG, kept by rank 0
+            if rank == 0:
+                state = {
+                    "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": None if sched is None else sched.state_dict(),
+                    "callbacks": _callback_states(callbacks), "rng": rng, "history": result.history,
+                    "config": asdict(cfg), "world_size": world,
+                }
+                if rng_ranks is not None:
+                    state["rng_ranks"] = rng_ranks
+                save_checkpoint(checkpoint, state)
     if test_data is not None:
         result.final = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev) if ddp else
                         evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev))

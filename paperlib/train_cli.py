@@ -15,11 +15,17 @@ functions; the global statistics come from :mod:`paperlib.distributed`. Only ran
 Methods: ``fp32`` (cross entropy), ``uniform`` (DoReFa weights + clipped activations, the quickstart's
 baseline), ``lsq`` (LSQ weights and activations), ``climbq`` (Gaussian-CDF quantizers, per-sample sigma from the
 batch class frequencies, HomoVar loss with the dataset counts; ``--climbq-loss ce`` for ClimbQ+CE), ``lifequant``
-(LifeQuant quantizers, BaLL loss with the training-set class counts; ``--lam`` > 0 with ``--fp-epochs`` > 0 adds
-ProxQ's penalty anchored at the FP32 start, importance from the training set), ``cbp`` (constrained
-backpropagation, ``--cbp-mode``), ``dgms`` (K = 2^bits Gaussian-mixture weight sharing, OneCycle).
+(LifeQuant quantizers, BaLL loss with the training-set class counts; with ``--fp-epochs`` > 0 ProxQ's penalty
+``λ Σ F (θ - θ_old)²`` anchored at the quantized FP32 start, λ = ``--lam``, default the notebook's 100, importance
+``F`` from the training set after the start's BN statistics are re-estimated for its quantizers), ``cbp``
+(constrained backpropagation, ``--cbp-mode``), ``dgms`` (K = 2^bits Gaussian-mixture weight sharing, OneCycle).
 ``--fp-epochs N`` first trains the FP32 network N epochs (same data, same process group), then quantizes it:
 the paper methods are fine-tuning methods.
+
+``--checkpoint`` saves both stages every epoch under ``<out>/checkpoints/``; ``--resume --out DIR`` continues an
+interrupted run from there (same arguments; checked against ``checkpoints/args.json``) and ends with the same
+model as an uninterrupted run, on one process or under torchrun. ``--sync-bn`` trains with
+``torch.nn.SyncBatchNorm`` under DDP (CUDA only).
 """
 
 from __future__ import annotations
@@ -167,10 +173,29 @@ def _setup_climbq(model: nn.Module, args: argparse.Namespace, train: InMemoryDat
     return MethodSetup(q, criterion, callbacks, info=info)
 
 
+def prox_stability(importance: dict[str, Tensor], lam: float, lr: float, momentum: float,
+                   weight_decay: float = 0.0) -> float:
+    """``lr · (2 λ max F + weight_decay)``: the largest step-size-times-curvature of ProxQ's penalty
+    ``λ Σ F (θ - θ_old)²`` under SGD. Heavy-ball SGD on a quadratic is stable only below ``2 (1 + momentum)``;
+    above it the penalty alone makes the most important weights oscillate with growing amplitude (the loss goes
+    to inf within a few batches), so this raises :class:`CLIError` naming the largest stable ``--lam``."""
+    f_max = max((float(f.max()) for f in importance.values() if f.numel()), default=0.0)
+    value = lr * (2 * lam * f_max + weight_decay)
+    bound = 2 * (1 + momentum)
+    if value >= bound:
+        lam_max = (bound / lr - weight_decay) / (2 * f_max)
+        raise CLIError(f"--lam {lam:g}: ProxQ's penalty λ·F·(θ-θ_old)² has curvature 2·λ·max F = "
+                       f"{2 * lam * f_max:.4g} (max F = {f_max:.4g}); SGD with --lr {lr:g} and --momentum "
+                       f"{momentum:g} diverges on it when lr × curvature >= 2(1 + momentum) = {bound:g} (here "
+                       f"{value:.4g}); use --lam below {lam_max:.4g} or a smaller --lr")
+    return value
+
+
 def _setup_lifequant(model: nn.Module, args: argparse.Namespace, train: InMemoryData) -> MethodSetup:
     import torch
 
     from .data.tensors import TensorLoader
+    from .dgms import recalibrate_bn
     from .lifequant import LifelongCriterion, LifelongSchedule, LossMonitor, ball_scale, class_counts
     from .lifequant.ball import BaLLLoss
     from .lifequant.prox import method_importance, snapshot
@@ -180,17 +205,26 @@ def _setup_lifequant(model: nn.Module, args: argparse.Namespace, train: InMemory
     loss_fn = BaLLLoss(ball_scale(counts), "log")
     old = imp = None
     lam = 0.0
+    recal_batches = 0
+    curvature = 0.0
     if args.fp_epochs > 0 and args.lam > 0:  # ProxQ anchored at the pretrained start (spec §1.2 at a new task)
+        if args.bn_recalibrate:
+            # F is taken in eval mode (spec §1.2): the running statistics must be those of the quantized net, not
+            # the FP32 net's (the quantizers standardise the weights: stale statistics give a chance-level net
+            # whose squared gradients are ~1e4 too large, and SGD diverges on λ F (θ - θ_old)², see prox_stability)
+            recal_batches = recalibrate_bn(model, train, batch_size=args.batch_size)
         loader = TensorLoader(train, args.batch_size, shuffle=True, seed=args.seed * 1000 + 99)
         gen = torch.Generator().manual_seed(args.seed * 1000 + 199)
         imp = method_importance("ours", model, [loader], loss_fn=loss_fn, generator=gen)
         old = snapshot(model)
         lam = args.lam
+        curvature = prox_stability(imp, lam, args.lr, args.momentum, args.weight_decay)
     criterion = LifelongCriterion(loss_fn, old, imp, lam, bits=args.bits)
 
     def info() -> dict[str, Any]:
         return {"ball_scale": {str(k): v for k, v in ball_scale(counts).items()}, "lambda": lam,
-                "prox_penalty": imp is not None}
+                "prox_penalty": imp is not None, "bn_recalibrated_batches": recal_batches,
+                "prox_lr_curvature": curvature}
 
     return MethodSetup(model, criterion, [LossMonitor(criterion)], info=info)
 
@@ -275,6 +309,43 @@ def default_out(method: str) -> Path:
     return paths.runs_dir() / "train" / f"{stamp}-{method}"
 
 
+#: arguments that may differ between an interrupted run and its --resume (they do not change the computation)
+RESUME_FREE_ARGS = ("out", "resume", "checkpoint", "progress", "threads", "save_model", "device", "command", "func")
+
+
+def _checkpoint_dir(args: argparse.Namespace, out: Path, is_main: bool) -> Path | None:
+    """``<out>/checkpoints`` when ``--checkpoint``/``--resume``, else None. Rank 0 writes ``args.json`` there
+    (the arguments that shape the run) or, when resuming, compares it with this run's; every rank raises the
+    same :class:`CLIError` on a mismatch."""
+    if not (args.checkpoint or args.resume):
+        return None
+    from . import distributed as pdist
+
+    ckdir = out / "checkpoints"
+    mine = {k: v for k, v in sorted(vars(args).items())
+            if k not in RESUME_FREE_ARGS and (v is None or isinstance(v, str | int | float))}
+    problem = None
+    if is_main:
+        saved_file = ckdir / "args.json"
+        if args.resume and saved_file.is_file():
+            saved = json.loads(saved_file.read_text())
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                shown = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+                problem = (f"--resume: the checkpoints in {ckdir} were made with other arguments ({shown}); "
+                           "resume with the interrupted run's arguments, or use another --out")
+        elif not args.resume and any(ckdir.glob("*.pt")):
+            problem = (f"{ckdir} already holds checkpoints: pass --resume to continue that run, or use another "
+                       "--out")
+        if problem is None:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            saved_file.write_text(json.dumps(mine, indent=1, sort_keys=True))
+    problem = pdist.broadcast_object(problem)
+    if problem is not None:
+        raise CLIError(problem)
+    return ckdir
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train ``args.method`` (in the process group when launched by torchrun); returns the metrics dict on
     every rank; rank 0 writes ``args.out``."""
@@ -286,6 +357,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with pdist.session(args.device) as d, cpu_threads(args.threads):
         t0 = time.perf_counter()
         dev = d.device
+        if args.sync_bn and d.world_size > 1 and dev.type != "cuda":
+            raise CLIError(f"--sync-bn needs CUDA: torch.nn.SyncBatchNorm only runs on GPU tensors, and this run "
+                           f"trains on {dev} ({d.backend}); use --device cuda with one GPU per process, or leave "
+                           "out --sync-bn (BN then normalises with each process's own batch statistics)")
+        out = Path(pdist.broadcast_object(str(Path(args.out) if args.out else default_out(args.method))))
+        ckdir = _checkpoint_dir(args, out, d.is_main)
         train, test = load_data(args.dataset, args.data_dir, args.image_size, dev)
         if args.batch_size < d.world_size:
             raise CLIError(f"--batch-size {args.batch_size} is the global batch: it must be >= the number of "
@@ -296,13 +373,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fp_cfg = TrainConfig(epochs=args.fp_epochs, lr=args.fp_lr, batch_size=args.batch_size,
                                  seed=args.seed, augment=args.augment, momentum=args.momentum,
                                  weight_decay=DEFAULT_WD["fp32"])
-            pre_history = fit(model, train, None, fp_cfg, device=dev, progress=args.progress).history
+            pre_history = fit(model, train, None, fp_cfg, device=dev, progress=args.progress,
+                              checkpoint=None if ckdir is None else ckdir / "fp32.pt", resume=args.resume,
+                              sync_batchnorm=args.sync_bn).history
         setup = BUILDERS[args.method](model, args, train)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, seed=args.seed, augment=args.augment,
                           scheduler=setup.scheduler or args.scheduler)
         res = fit(setup.model, train, test, cfg, criterion=setup.criterion or cross_entropy, callbacks=setup.callbacks,
-                  optimizer=setup.optimizer, device=dev, progress=args.progress)
+                  optimizer=setup.optimizer, device=dev, progress=args.progress,
+                  checkpoint=None if ckdir is None else ckdir / f"{args.method}.pt", resume=args.resume,
+                  sync_batchnorm=args.sync_bn)
         digest = {"rank": d.rank, "state": state_digest(setup.model), "method_state": setup.digest()}
         digests = pdist.all_gather_object(digest)
         final = {k: res.final[k] for k in ("top1", "balanced_accuracy", "loss", "per_class_accuracy")}
@@ -322,7 +403,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         metrics = _jsonable(metrics)
         if d.is_main:
-            out = Path(args.out) if args.out else default_out(args.method)
             out.mkdir(parents=True, exist_ok=True)
             metrics["out"] = str(out)
             write_json(out / "metrics.json", metrics)
@@ -357,9 +437,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--progress", action="store_true", help="tqdm bars on rank 0")
     p.add_argument("--act-clip", type=float, default=4.0, help="uniform: activation clip")
     p.add_argument("--climbq-loss", default="homovar", choices=["homovar", "ce"])
-    p.add_argument("--lam", type=float, default=0.0,
-                   help="lifequant: ProxQ lambda anchoring at the --fp-epochs start (0: off; the papers' 100 diverged "
-                        "on digits ResNet-20 here)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="lifequant: ProxQ's lambda, penalty anchored at the quantized --fp-epochs start (default: the "
+                        "notebook's 100 with --fp-epochs > 0, else 0 = off)")
+    p.add_argument("--no-bn-recalibrate", dest="bn_recalibrate", action="store_false",
+                   help="lifequant with lambda > 0: keep the FP32 net's BN statistics when computing ProxQ's "
+                        "importance (they do not fit the quantized net: F is then ~1e4 too large and SGD diverges)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="save both stages every epoch under <out>/checkpoints/ (for --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --checkpoint run from <out>/checkpoints/ (needs --out and the same "
+                        "arguments; starts fresh when there is no checkpoint yet)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: torch.nn.SyncBatchNorm (global-batch BN statistics); CUDA only")
     p.add_argument("--cbp-mode", default=None, choices=["bin", "ter", "1bit", "2bit"])
     return p
 
@@ -376,6 +466,19 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.fp_epochs < 0:
         raise CLIError(f"--fp-epochs must be >= 0, got {args.fp_epochs}")
+    if args.lam is None:
+        from .lifequant.prox import DEFAULT_LAMBDA
+
+        args.lam = DEFAULT_LAMBDA if args.method == "lifequant" and args.fp_epochs > 0 else 0.0
+    if args.lam < 0:
+        raise CLIError(f"--lam must be >= 0, got {args.lam}")
+    if args.lam > 0 and args.method != "lifequant":
+        raise CLIError(f"--lam is LifeQuant's ProxQ lambda: it applies to --method lifequant, not {args.method}")
+    if args.lam > 0 and args.fp_epochs == 0:
+        raise CLIError("--lam > 0 anchors ProxQ's penalty at the FP32 start: pass --fp-epochs N (N > 0), or --lam 0")
+    if args.resume and not args.out:
+        raise CLIError("--resume continues the run in --out DIR (its checkpoints/ folder): pass the --out of the "
+                       "interrupted run")
     if args.lr <= 0:
         raise CLIError(f"--lr must be > 0, got {args.lr}")
     if args.method == "fp32" and args.bits != 32:

@@ -757,6 +757,11 @@ def test_bad_settings_fail_early_with_the_fix():
         run_cbp_experiment(_tiny_cfg(variants=["adam"]), device="cpu")
     with pytest.raises(ValueError, match="period_steps"):
         run_cbp_experiment(_tiny_cfg(period_steps=-1), device="cpu")
+    # a notebook's 0 reaches the driver now (presets.resolve keeps it): refused, naming the setting and range
+    with pytest.raises(ValueError, match=r"periods=0: must be an int >= 1 \(post-training periods.*projected"):
+        run_cbp_experiment(_tiny_cfg(periods=0), device="cpu")
+    with pytest.raises(ValueError, match=r"workers=0: number of processes, an int >= 1 \(1: every"):
+        run_cbp_experiment(_tiny_cfg(workers=0), device="cpu")
     with pytest.raises(ValueError, match="hparams"):
         post_train(nn.Linear(2, 2), None, None, "bin", "cbp", 0, _tiny_cfg(hparams="paperish"))
 

@@ -121,6 +121,60 @@ def test_check_config_rejects_bad_settings():
         cq.check_config({**cfg, "homovar_counts": "x"})
     with pytest.raises(ValueError, match="unknown methods"):
         cq.run_climbq(cfg, "cpu", methods=["ClimbQ"])
+    with pytest.raises(ValueError, match=r"qat_epochs=-1: epochs must be an int >= 0 \(fp_epochs=0: fine-tune"):
+        cq.check_config({**cfg, "qat_epochs": -1})
+    with pytest.raises(ValueError, match="fp_epochs=2.0: epochs must be an int >= 0"):
+        cq.check_config({**cfg, "fp_epochs": 2.0})
+    with pytest.raises(ValueError, match="fp_epochs=0 and qat_epochs=0: every model would stay"):
+        cq.run_climbq(resolve("climbq", "smoke", fp_epochs=0, qat_epochs=0), "cpu")
+    cq.check_config(resolve("climbq", "smoke", fp_epochs=0))  # a notebook's 0 is a value (resolve keeps it)
+    cq.check_config(resolve("climbq", "smoke", qat_epochs=0))
+
+
+def _splits(cfg, gamma=10):
+    train, test, order = cq.load_base_data(cfg, torch.device("cpu"))
+    return cq.make_long_tail_splits(train, test, gamma, mode=cfg["lt_mode"], min_count=cfg["lt_min_count"],
+                                    selection=cfg["selection"], val_fraction=cfg["val_fraction"],
+                                    split_seed=cfg["split_seed"], class_order=order)
+
+
+def test_qat_epochs_0_evaluates_the_quantized_models_without_fine_tuning(tmp_path, monkeypatch):
+    """Post-training quantization: no fit after the FP32 start, every method is the quantized FP32 net evaluated
+    as is (ClimbQ+CE == ClimbQ+HomoVar), HomoVar's bounds measured on the training batches without an update."""
+    fits = []
+    monkeypatch.setattr(cq, "fit", lambda *a, **k: fits.append(a) or pytest.fail("fine-tuned despite qat_epochs=0"))
+    cfg = resolve("climbq", "smoke", **{**TINY, "qat_epochs": 0})
+    m = cq.run_climbq(cfg, "cpu", runs_root=tmp_path, models_dir=tmp_path / "models")
+    rows = {r["method"]: r for r in m["per_seed"]}
+    assert set(rows) == set(cq.METHODS) and not fits
+    for method in cq.QUANT_METHODS:
+        assert rows[method]["best_epoch"] == -1 and m["history"][f"10/W4A4/{method}/0"] == []
+    for col in ("top1", "balanced_accuracy", "per_class_accuracy"):
+        assert rows[cq.CLIMBQ_CE][col] == rows[cq.CLIMBQ_HV][col]
+    # reference: the stored FP32 start quantized and evaluated directly
+    fp_entry = next(e for e in m["models"]["entries"] if e["method"] == cq.FP32)
+    fp = cq.load_model(fp_entry, cfg, tmp_path / "models")
+    sp = _splits(cfg)
+    for method in cq.QUANT_METHODS:
+        ref = evaluate(cq.quantize_for_method(fp, method, 4, cfg), sp.test)
+        assert rows[method]["top1"] == ref["top1"], method
+    (hv,) = m["homovar"]
+    assert hv["gamma"] == 10 and hv["bits"] == 4 and len(hv["n_lb"]) == len(hv["weights"]) == 10
+    assert 0 <= hv["fraction_out"][0] <= 1 and m["sigma_max_deviation"] is None
+    checks = cq.check_expectations(m)
+    assert "not recorded" in checks[checks["claim"].str.startswith("(e)")]["measured"].iloc[0]
+
+
+def test_fp_epochs_0_fine_tunes_from_the_seeded_init(tmp_path, monkeypatch):
+    monkeypatch.setattr(cq, "pretrained_fp32", lambda *a, **k: pytest.fail("pretrained despite fp_epochs=0"))
+    cfg = resolve("climbq", "smoke", **{**TINY, "fp_epochs": 0, "qat_epochs": 1})
+    m = cq.run_climbq(cfg, "cpu", runs_root=tmp_path, methods=[cq.FP32, cq.UNIFORM])
+    rows = {r["method"]: r for r in m["per_seed"]}
+    torch.manual_seed(0)
+    init = create_model("resnet20", **cq.model_kwargs(cfg, 10, 1))
+    sp = _splits(cfg)
+    assert rows[cq.FP32]["top1"] == evaluate(init, sp.test)["top1"] and rows[cq.FP32]["best_epoch"] == -1
+    assert len(m["history"][f"10/W4A4/{cq.UNIFORM}/0"]) == 1 and rows[cq.UNIFORM]["best_epoch"] == 0
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -595,6 +595,15 @@ def test_driver_config_errors_are_clear(tmp_path):
                               ("init_probes", ["gmm"], "init"), ("seeds", [], "seeds")):
         with pytest.raises((ValueError, TypeError), match=match):
             run_dgms({**cfg, key: value}, device="cpu")
+    for key, value, match in (("epochs", -1, r"epochs=-1: must be an int >= 0 \(0: no fine-tuning"),
+                              ("fp_epochs", 0, r"fp_epochs=0: the FP32 starting point of \['resnet20'\].*weight"),
+                              ("n_init", 0, "n_init=0: must be an int >= 1"),
+                              ("probe_samples", 0, "probe_samples=0: must be an int >= 1"),
+                              ("batch_size", 0, "batch_size=0"), ("curve_points", 1, "curve_points=1"),
+                              ("uniform_lr", 0, "uniform_lr=0: learning rates must be positive"),
+                              ("num_threads", -1, r"num_threads=-1: must be an int >= 0 \(0: torch's default")):
+        with pytest.raises(ValueError, match=match):  # a notebook override of 0 reaches the driver: refused early
+            run_dgms({**cfg, key: value}, device="cpu")
     paper = presets.resolve("dgms", "paper")
     with pytest.raises(DataError, match="needs data_dir"):
         run_dgms(paper, device="cpu")
@@ -633,7 +642,8 @@ def test_paper_path_runs_on_a_tiny_fake_imagenet_folder(tmp_path):
                 num_components=[4], image_size=16, epochs=1, batch_size=4, eval_batch_size=8, bn_recal_batches=1,
                 baselines=["kmeans_bn"], init_probes=["kmeans"], n_init=1, probe_samples=4, hist_bins=10,
                 curve_points=20)
-    cfg = {**presets.resolve("dgms", "paper", **over), "num_workers": 0, "num_threads": 1}  # resolve() skips 0
+    cfg = presets.resolve("dgms", "paper", **over, num_workers=0, num_threads=1)  # resolve() keeps 0 (a value)
+    assert cfg["num_workers"] == 0
     with pytest.raises(DataError, match="r20.pth"):
         run_dgms(cfg, device="cpu", data_dir=str(tmp_path))
     torch.manual_seed(0)
@@ -650,3 +660,30 @@ def test_paper_path_runs_on_a_tiny_fake_imagenet_folder(tmp_path):
     assert row["invariant_ok"] and row["best_epoch"] == 0 and row["layers"] == 18
     assert next(r for r in m["per_seed"] if r["kind"] == "kmeans_bn")["bn_batches"] == 1
     assert len(m["data_fingerprint"]) == 16 and m["histograms"]["4"]["variants"] and m["num_classes"] == 2
+
+
+def test_epochs_0_evaluates_dgms_and_the_uniform_baseline_as_quantized(monkeypatch):
+    """``epochs = 0`` (a notebook's 0 is a value now): no fine-tuning; the faithful variant's hard network is the
+    k-means initialisation probe's, nothing moves, and the uniform baseline is DoReFa applied to the FP32 net."""
+    import paperlib.dgms as D
+    from paperlib import presets
+    from paperlib.train import evaluate
+
+    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("fine-tuned despite epochs=0"))
+    cfg = presets.resolve("dgms", "smoke", epochs=0, seeds=[0], num_components=[4], variants=[D.FAITHFUL],
+                          baselines=["uniform"], init_probes=["kmeans"], hist_layers=1, probe_samples=16)
+    assert cfg["epochs"] == 0
+    m = D.run_dgms(cfg, device="cpu")
+    rows = {r["method"]: r for r in m["per_seed"]}
+    init, dg, un = rows[D.INIT_NAMES["kmeans"]], rows["DGMS τ=0.01"], rows[D.BASELINE_NAMES["uniform"]]
+    assert dg["top1"] == init["top1"] and dg["exact_argmax_top1"] == init["exact_argmax_top1"]
+    assert dg["delta_w"] == 0.0 and dg["codes_changed"] == 0.0 and dg["best_epoch"] is None
+    assert dg["invariant_ok"] and un["delta_w"] == 0.0
+    # reference: the same FP32 start (cached), DoReFa on the same layers, evaluated directly
+    data = D.load_dgms_data(cfg, torch.device("cpu"))
+    fp = D.fp32_model(cfg, "resnet20", 0, data, torch.device("cpu"))
+    assert rows["FP32"]["top1"] == evaluate(fp, data["test"], batch_size=cfg["eval_batch_size"])["top1"]
+    quantize_model(fp, weight=lambda _layer: D.DoReFaWeight(2), skip=dgms_skip(fp))
+    assert un["top1"] == evaluate(fp, data["test"], batch_size=cfg["eval_batch_size"])["top1"]
+    (traj,) = m["trajectories"]["4"].values()
+    assert traj["epoch"] == [0.0]  # the start only

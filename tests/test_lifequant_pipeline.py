@@ -375,3 +375,62 @@ def test_domain_data_from_a_fake_office_tree(tmp_path):
     assert split.num_tasks == 3 and [i.size for i in split.replay] == [4, 4, 4]
     with pytest.raises(ValueError, match="unknown domain dataset"):
         P.load_domain_data(root, "pacs", size=8)
+
+
+# ----------------------------------------------------------------------------------------------- a notebook's 0
+def test_lam_0_means_no_proxq_penalty(digits, monkeypatch):
+    """``lam = 0`` (a notebook's 0 reaches the driver: presets.resolve keeps it) is λ = 0, not the default 100:
+    the penalised methods get λ = 0, no Ω is computed and the penalty is exactly 0 in every epoch of every task."""
+    assert presets.resolve("lifequant", "smoke", lam=0.0)["lam"] == 0.0
+    cfg = _tiny_cfg(lam=0.0, methods=["lifequant_code", "lifequant_paper", "ewc"])
+    specs = P.method_specs(cfg, cfg["experiments"][0])
+    assert [m.lam for m, _ in specs] == [0.0, 0.0, 0.0] and not any(m.has_penalty for m, _ in specs)
+    assert [m.lam for m, _ in P.method_specs(_tiny_cfg(lam=None), cfg["experiments"][0])] == [P.DEFAULT_LAMBDA] * 2
+    assert [m.lam for m, _ in P.method_specs(_tiny_cfg(lam=300), cfg["experiments"][0])] == [300.0] * 2
+    # the criterion: with Ω and θ_old given, λ = 0 adds exactly nothing
+    train, test, split = digits
+    model = _start()
+    old = {n: p.detach().clone() + 0.01 for n, p in model.named_parameters()}
+    imp = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    model.eval()
+    x, y = train.x[:16], train.y[:16]
+    crit = LifelongCriterion(F.cross_entropy, old, imp, lam=0.0)
+    assert torch.equal(crit(model, x, y), F.cross_entropy(model(x), y)) and crit.epoch_means()["penalty"] == 0.0
+    # a whole lifelong run: Ω is never computed, the recorded penalty is 0.0 throughout
+    monkeypatch.setattr(P, "compute_importance", lambda *a, **k: pytest.fail("computed Ω although λ = 0"))
+    method = specs[0][0]
+    res = run_lifelong(_start(), train, test, split, method, make_schedule(TINY), seed=0, device="cpu")
+    assert [e["penalty"] for h in res.history for e in h] == [0.0] * 6
+    ref = run_lifelong(_start(), train, test, split, make_method("original"), make_schedule(TINY), seed=0,
+                       device="cpu")
+    assert res.acc == ref.acc  # code-mode LifeQuant at λ = 0 trains exactly like the unpenalised original
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"lam": -1.0}, r"lam=-1.0: ProxQ's λ must be a finite number >= 0 \(0: no ProxQ penalty; None: the preset's"),
+    ({"lam": True}, "lam=True: ProxQ's λ must be a finite number"),
+    ({"lam": float("inf")}, "lam=inf"),
+    ({"task_epochs": 0}, r"task_epochs=0: epochs per task must be an int >= 1 \(None: the preset's schedule\)"),
+    ({"task_epochs": 2.5}, "task_epochs=2.5"),
+])
+def test_driver_refuses_bad_lam_and_task_epochs_before_training(over, match, monkeypatch):
+    monkeypatch.setattr(P, "task0_start", lambda *a, **k: pytest.fail("trained despite bad input"))
+    with pytest.raises(ValueError, match=match):
+        P.run_lifequant(_tiny_cfg(**over), device="cpu")
+
+
+def test_task_epochs_override(monkeypatch):
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def stop(exp, split, schedule, train):
+        seen.append(schedule.task_epochs)
+        raise Built  # enough: the schedule is built, nothing trained
+
+    monkeypatch.setattr(P, "_describe_split", stop)
+    for value in (None, 1, 5):
+        with pytest.raises(Built):
+            P.run_lifequant(_tiny_cfg(task_epochs=value), device="cpu")
+    assert seen == [TINY["task_epochs"], 1, 5]

@@ -55,6 +55,7 @@ def test_method_specific_info(tmp_path):
     assert main(_args("lifequant", tmp_path / "l", "--fp-epochs", "1", "--lam", "100", "--no-save-model")) == 0
     li = json.loads((tmp_path / "l" / "metrics.json").read_text())
     assert li["method_info"]["prox_penalty"] is True and "penalty" in li["history"][0]
+    assert 0 < li["history"][0]["penalty"] < 1, li["history"]  # measured 0.02 (2e8 before the BN re-estimate)
     assert not (tmp_path / "l" / "model.pt").exists()
 
 
@@ -77,3 +78,47 @@ def test_bad_input_is_named(argv, needle, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """--checkpoint, a crash after the first LifeQuant epoch (the FP32 stage is complete), then --resume: same
+    model (bit-identical state dict), same history, same ProxQ importance (from the restored FP32 start)."""
+    import paperlib.train as train_mod
+
+    extra = ("--fp-epochs", "1", "--epochs", "2", "--checkpoint")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main([*_args("lifequant", full), *extra]) == 0
+    save = train_mod.save_checkpoint
+
+    def crash_after_first_epoch(path, state):
+        save(path, state)
+        if path.name == "lifequant.pt" and state["epoch"] == 0:
+            raise Interrupt("simulated crash")
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(Interrupt):
+        main([*_args("lifequant", cut), *extra])
+    monkeypatch.undo()
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["args.json", "fp32.pt", "lifequant.pt"]
+    assert not (cut / "metrics.json").exists()
+    assert main([*_args("lifequant", cut), "--fp-epochs", "1", "--epochs", "2", "--resume"]) == 0
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (full, cut))
+    assert ma["history"] == mb["history"] and ma["fp32_history"] == mb["fp32_history"] and len(mb["history"]) == 2
+    assert ma["method_info"] == mb["method_info"] and ma["final"] == mb["final"]
+    # a resume with other arguments, or a fresh run over existing checkpoints, is refused with the reason
+    capsys.readouterr()
+    assert main([*_args("lifequant", cut), "--fp-epochs", "1", "--epochs", "2", "--lr", "0.02", "--resume"]) == 2
+    assert "lr: 0.01 -> 0.02" in capsys.readouterr().err
+    assert main([*_args("lifequant", cut), *extra]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+
+
+def test_resume_needs_out(capsys):
+    assert main(["--method", "fp32", "--resume"]) == 2
+    assert "--out" in capsys.readouterr().err

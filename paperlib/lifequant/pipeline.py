@@ -829,11 +829,35 @@ def _experiment_present(exp: Mapping[str, Any], data_dir: str) -> bool:
     return True
 
 
+def lambda_setting(lam: Any) -> float:
+    """The notebook's ``lam``: None -> :data:`DEFAULT_LAMBDA` (100); a finite number >= 0 is λ itself (0: no
+    ProxQ penalty); anything else raises, naming the setting and the valid range."""
+    if lam is None:
+        return float(DEFAULT_LAMBDA)
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam={lam!r}: ProxQ's λ must be a finite number >= 0 (0: no ProxQ penalty; None: the "
+                         f"preset's λ = {DEFAULT_LAMBDA:g})")
+    return float(lam)
+
+
+def task_epochs_setting(epochs: Any) -> int | None:
+    """The notebook's ``task_epochs``: None -> the schedule's; else an int >= 1. 0 is refused: a lifelong run
+    that trains no epoch on a task never learns the task's new classes (there is nothing to measure)."""
+    if epochs is None:
+        return None
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"task_epochs={epochs!r}: epochs per task must be an int >= 1 (None: the preset's "
+                         "schedule); 0 would train no task, so no new class would ever be learned")
+    return epochs
+
+
 def method_specs(cfg: Mapping[str, Any], exp: Mapping[str, Any]) -> list[tuple[LifelongMethod, str]]:
     """``(method, label)`` for ``cfg["methods"] + exp["extra_methods"]``: a preset name (with λ = ``cfg["lam"]``)
     or a dict ``{"preset", "name", "label", <LifelongMethod fields>}``; ``exp["method_overrides"][name]`` is
-    applied on top (e.g. the MobileNetV2 code's BaLL form)."""
-    lam = float(cfg.get("lam") or DEFAULT_LAMBDA)
+    applied on top (e.g. the MobileNetV2 code's BaLL form). ``cfg["lam"]`` None (or absent) is λ = 100, the
+    shipped main.py's; 0 is λ = 0: no ProxQ penalty (the penalised presets then train like their unpenalised
+    counterparts)."""
+    lam = lambda_setting(cfg.get("lam"))
     out: list[tuple[LifelongMethod, str]] = []
     for spec in [*cfg["methods"], *exp.get("extra_methods", [])]:
         if isinstance(spec, str):
@@ -871,13 +895,13 @@ def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = 
         raise ValueError("seeds is empty: give at least one seed")
     if not cfg.get("experiments"):
         raise ValueError("cfg['experiments'] is empty: give at least one experiment (see the lifequant presets)")
+    epochs_override = task_epochs_setting(cfg.get("task_epochs"))
     for exp in cfg["experiments"]:  # bad settings fail before any training
         check_experiment(exp)
         method_specs(cfg, exp)
         make_schedule({**cfg.get("schedule", {}), **exp.get("schedule", {})})
     labels: dict[str, str] = {}
     base_schedule = dict(cfg.get("schedule", {}))
-    epochs_override = cfg.get("task_epochs")
     tmp = None
     if checkpoint_dir in (None, ""):
         tmp = tempfile.TemporaryDirectory(prefix="lifequant-")
@@ -897,8 +921,8 @@ def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = 
             train, test, split = _load_experiment_data(exp, data_dir, dev, data_cache)
             fingerprints[exp["name"]] = train.fingerprint()
             schedule = make_schedule({**base_schedule, **exp.get("schedule", {})})
-            if epochs_override:
-                schedule = replace(schedule, task_epochs=int(epochs_override))
+            if epochs_override is not None:
+                schedule = replace(schedule, task_epochs=epochs_override)
             model_kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1],
                             **exp.get("model_kwargs", {})}
             init = exp.get("init_weights")
