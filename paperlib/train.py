@@ -108,7 +108,11 @@ class Callback:
         pass
 
     def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
-        """``stats`` holds ``train_loss`` (mean) and ``train_loss_sum``; add keys to record them in history."""
+        """``stats`` holds ``train_loss`` (mean) and ``train_loss_sum``; add keys to record them in history.
+
+        Called after the epoch's scheduler step and *before* its test evaluation, so a callback that changes the
+        model here (CBP's multiplier update, a BN re-estimation) changes the model that is evaluated; the test
+        metrics are added to the same ``stats`` (and so to the history) afterwards."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
