@@ -140,52 +140,6 @@ int climbq_weights_forward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_
     return 0;                                                                                               \
 }                                                                                                           \
                                                                                                             \
-/* Backward of 2 U(Phi(a)) - 1 through a = (w - mean w) / std w: h = sqrt(2 pi) phi(a) g,                  \
-   gw = (h - mean h - a <h, a> / (N - 1)) 2 rec / sqrt(2 pi). */                                            \
-int climbq_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *gptrs, const int64_t *sizes,\
-                                  const int64_t *gouts, const T *mean, const T *rec, int nthreads) {        \
-    plan_t P;                                                                                               \
-    if (plan_init(&P, nseg, sizes, 2)) return 1;                                                            \
-    const chunk_t *ch = P.ch;                                                                               \
-    const int64_t nc = P.nc;                                                                                \
-    double *part = P.part, *acc = P.acc;                                                                    \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
-        const int64_t s = ch[c].seg;                                                                        \
-        const T *w = (const T *)(intptr_t)ptrs[s] + ch[c].start;                                            \
-        const T *g = (const T *)(intptr_t)gptrs[s] + ch[c].start;                                           \
-        T *gw = (T *)(intptr_t)gouts[s] + ch[c].start;                                                      \
-        const T mu = mean[s], r = rec[s];                                                                   \
-        double s1 = 0, s2 = 0;                                                                              \
-        FTZ_ON                                                                                              \
-        _Pragma("omp simd reduction(+:s1, s2)")                                                             \
-        for (int64_t i = 0; i < ch[c].len; i++) {                                                           \
-            T a = (w[i] - mu) * r;                                                                          \
-            T h = exp_##SFX((T)-0.5 * a * a) * g[i];                                                        \
-            gw[i] = h; s1 += h; s2 += (double)h * a;                                                        \
-        }                                                                                                   \
-        FTZ_OFF                                                                                             \
-        part[2 * c] = s1; part[2 * c + 1] = s2;                                                             \
-    }                                                                                                       \
-    plan_reduce(&P, nseg);                                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
-        const int64_t s = ch[c].seg;                                                                        \
-        const T *w = (const T *)(intptr_t)ptrs[s] + ch[c].start;                                            \
-        T *gw = (T *)(intptr_t)gouts[s] + ch[c].start;                                                      \
-        const T mu = mean[s], r = rec[s];                                                                   \
-        const T c0 = (T)(acc[2 * s] / (double)sizes[s]), c1 = (T)(acc[2 * s + 1] / (double)(sizes[s] - 1)); \
-        const T sc = r * (T)(2 * INV_SQRT_2PI);                                                             \
-        _Pragma("omp simd")                                                                                 \
-        for (int64_t i = 0; i < ch[c].len; i++) {                                                           \
-            T a = (w[i] - mu) * r;                                                                          \
-            gw[i] = (gw[i] - c0 - a * c1) * sc;                                                             \
-        }                                                                                                   \
-    }                                                                                                       \
-    plan_free(&P);                                                                                          \
-    return 0;                                                                                               \
-}                                                                                                           \
-                                                                                                            \
 /* LifeQuant "standardize" weights: z = (w - mean) / s, out = rint(z scale) / n with scale = std n when std is \
    a power of two (else rint((z std) n) / n), the torch path's ops. */                                      \
 int lifequant_weights_forward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *sizes, const int64_t *outs,\
@@ -211,38 +165,55 @@ int lifequant_weights_forward_##SFX(int64_t nseg, const int64_t *ptrs, const int
     return 0;                                                                                               \
 }                                                                                                           \
                                                                                                             \
-/* Backward of Q(std z), z = (w - mean w) / s, straight through: gw = (g - mean g - z <g, z> / (N - 1)) std / s. */\
-int lifequant_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *gptrs,               \
-                                     const int64_t *sizes, const int64_t *gouts, const T *mean, const T *sd,\
-                                     T std_, int nthreads) {                                                \
+/* Backward of both weight quantizers through a = (w - mean w) / std w (straight-through rounding), with     \
+   h = sqrt(2 pi) phi(a) g for ClimbQ's 2 U(Phi(a)) - 1 (cdf = 1, second = 1/std) and h = g for LifeQuant's   \
+   Q(std_ a) (cdf = 0, second = std): gw = (h - mean h - a <h, a> / (N - 1)) scale, scale = 2 rec / sqrt(2 pi) \
+   or std_ / std. Phase 1 keeps h in gw and sums per chunk; phase 2 finishes gw in place. */                \
+int standardized_weights_backward_##SFX(int64_t nseg, const int64_t *ptrs, const int64_t *gptrs,            \
+                                        const int64_t *sizes, const int64_t *gouts, const T *mean,          \
+                                        const T *second, int cdf, T std_, int nthreads) {                   \
     plan_t P;                                                                                               \
     if (plan_init(&P, nseg, sizes, 2)) return 1;                                                            \
     const chunk_t *ch = P.ch;                                                                               \
-    const int64_t nc = P.nc;                                                                                \
-    double *part = P.part, *acc = P.acc;                                                                    \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
-        const int64_t s = ch[c].seg;                                                                        \
-        const T *w = (const T *)(intptr_t)ptrs[s] + ch[c].start;                                            \
-        const T *g = (const T *)(intptr_t)gptrs[s] + ch[c].start;                                           \
-        const T mu = mean[s], d = sd[s];                                                                    \
-        double s1 = 0, s2 = 0;                                                                              \
-        _Pragma("omp simd reduction(+:s1, s2)")                                                             \
-        for (int64_t i = 0; i < ch[c].len; i++) { T z = (w[i] - mu) / d; s1 += g[i]; s2 += (double)g[i] * z; }\
-        part[2 * c] = s1; part[2 * c + 1] = s2;                                                             \
-    }                                                                                                       \
-    plan_reduce(&P, nseg);                                                                                  \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(nc > 1)")                           \
-    for (int64_t c = 0; c < nc; c++) {                                                                      \
-        const int64_t s = ch[c].seg;                                                                        \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(P.nc > 1)")                         \
+    for (int64_t c = 0; c < P.nc; c++) {                                                                    \
+        const int64_t s = ch[c].seg, len = ch[c].len;                                                       \
         const T *w = (const T *)(intptr_t)ptrs[s] + ch[c].start;                                            \
         const T *g = (const T *)(intptr_t)gptrs[s] + ch[c].start;                                           \
         T *gw = (T *)(intptr_t)gouts[s] + ch[c].start;                                                      \
-        const T mu = mean[s], d = sd[s];                                                                    \
-        const T c0 = (T)(acc[2 * s] / (double)sizes[s]), c1 = (T)(acc[2 * s + 1] / (double)(sizes[s] - 1)); \
-        const T sc = std_ / d;                                                                              \
-        _Pragma("omp simd")                                                                                 \
-        for (int64_t i = 0; i < ch[c].len; i++) { T z = (w[i] - mu) / d; gw[i] = (g[i] - c0 - z * c1) * sc; }\
+        const T mu = mean[s], v = second[s];                                                                \
+        double s1 = 0, s2 = 0;                                                                              \
+        FTZ_ON                                                                                              \
+        if (cdf) {                                                                                          \
+            _Pragma("omp simd reduction(+:s1, s2)")                                                         \
+            for (int64_t i = 0; i < len; i++) {                                                             \
+                T a = (w[i] - mu) * v, h = exp_##SFX((T)-0.5 * a * a) * g[i];                               \
+                gw[i] = h; s1 += h; s2 += (double)h * a;                                                    \
+            }                                                                                               \
+        } else {                                                                                            \
+            _Pragma("omp simd reduction(+:s1, s2)")                                                         \
+            for (int64_t i = 0; i < len; i++) { T a = (w[i] - mu) / v; gw[i] = g[i]; s1 += g[i]; s2 += (double)g[i] * a; }\
+        }                                                                                                   \
+        FTZ_OFF                                                                                             \
+        P.part[2 * c] = s1; P.part[2 * c + 1] = s2;                                                         \
+    }                                                                                                       \
+    plan_reduce(&P, nseg);                                                                                  \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads) if(P.nc > 1)")                         \
+    for (int64_t c = 0; c < P.nc; c++) {                                                                    \
+        const int64_t s = ch[c].seg, len = ch[c].len;                                                       \
+        const T *w = (const T *)(intptr_t)ptrs[s] + ch[c].start;                                            \
+        T *gw = (T *)(intptr_t)gouts[s] + ch[c].start;                                                      \
+        const T mu = mean[s], v = second[s];                                                                \
+        const T c0 = (T)(P.acc[2 * s] / (double)sizes[s]), c1 = (T)(P.acc[2 * s + 1] / (double)(sizes[s] - 1));\
+        if (cdf) {                                                                                          \
+            const T sc = v * (T)(2 * INV_SQRT_2PI);                                                         \
+            _Pragma("omp simd")                                                                             \
+            for (int64_t i = 0; i < len; i++) { T a = (w[i] - mu) * v; gw[i] = (gw[i] - c0 - a * c1) * sc; }\
+        } else {                                                                                            \
+            const T sc = std_ / v;                                                                          \
+            _Pragma("omp simd")                                                                             \
+            for (int64_t i = 0; i < len; i++) { T a = (w[i] - mu) / v; gw[i] = (gw[i] - c0 - a * c1) * sc; }\
+        }                                                                                                   \
     }                                                                                                       \
     plan_free(&P);                                                                                          \
     return 0;                                                                                               \

@@ -46,9 +46,8 @@ def _build() -> Any:
         sig = {
             "segment_mean_std": [i64, p, p, p, p, i32],
             "climbq_weights_forward": [i64, p, p, p, p, p, p, i32, i32],
-            "climbq_weights_backward": [i64, p, p, p, p, p, p, i32],
             "lifequant_weights_forward": [i64, p, p, p, p, p, ct, i32, i32, i32],
-            "lifequant_weights_backward": [i64, p, p, p, p, p, p, ct, i32],
+            "standardized_weights_backward": [i64, p, p, p, p, p, p, i32, ct, i32],
             "climbq_act_forward": [i64, i64, p, p, p, p, i32, ct, ct, ct, i32],
             "climbq_act_backward": [i64, i64, p, p, p, ct, p, i32],
         }
@@ -131,8 +130,9 @@ def mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 @dataclass(frozen=True)
 class _WeightsSpec:
-    """Which kernel pair a :class:`_WeightsKernel` runs: ``<kernel>_forward/backward`` called with the tensors,
-    each tensor's mean and ``1/std`` (``reciprocal``) or std, then ``fwd_extra`` / ``bwd_extra``."""
+    """What a :class:`_WeightsKernel` runs: ``<kernel>_forward`` and ``standardized_weights_backward``, called
+    with the tensors, each tensor's mean and ``1/std`` (``reciprocal``) or std, then ``fwd_extra`` /
+    ``bwd_extra`` (the backward's ``cdf`` flag and ``std``)."""
 
     kernel: str
     reciprocal: bool
@@ -166,7 +166,7 @@ class _WeightsKernel(torch.autograd.Function):
         gs = [torch.zeros_like(w) if g is None else g.contiguous() for g, w in zip(grads, ws, strict=True)]
         gws = [torch.empty_like(w) for w in ws]
         wp, gp, gwp = _ptrs(ws), _ptrs(gs), _ptrs(gws)
-        _check(getattr(_lib(), f"{ctx.spec.kernel}_backward_{_sfx(ws[0])}")(
+        _check(getattr(_lib(), f"standardized_weights_backward_{_sfx(ws[0])}")(
             len(ws), wp.data_ptr(), gp.data_ptr(), ctx.sizes.data_ptr(), gwp.data_ptr(), mean.data_ptr(),
             second.data_ptr(), *ctx.spec.bwd_extra, torch.get_num_threads()))
         return (None, *(None if g is None else gw for g, gw in zip(grads, gws, strict=True)))
@@ -183,14 +183,14 @@ def climbq_weights(ws: Sequence[Tensor], bits: int) -> list[Tensor]:
     """ClimbQ's ``2 U_k(Phi((w - mean w) / std w)) - 1`` of each tensor in one call (module docstring)."""
     n = 2**bits - 1
     thr = _thresholds(n, ws[0].dtype)
-    return _run_weights(_WeightsSpec("climbq_weights", True, (thr.data_ptr(), n), (), thr), ws)
+    return _run_weights(_WeightsSpec("climbq_weights", True, (thr.data_ptr(), n), (1, 0.0), thr), ws)
 
 
 def lifequant_weights(ws: Sequence[Tensor], bits: int, std: float) -> list[Tensor]:
     """LifeQuant's ``Q_k(std (w - mean w) / std(w))`` (k >= 2, no clip) of each tensor in one call."""
     merged = int(math.frexp(std)[0] == 0.5)  # std a power of two: z std n == z (std n) exactly
     std = float(std)
-    return _run_weights(_WeightsSpec("lifequant_weights", False, (std, merged, 2**bits - 1), (std,)), ws)
+    return _run_weights(_WeightsSpec("lifequant_weights", False, (std, merged, 2**bits - 1), (0, std)), ws)
 
 
 class _NoCtx:
