@@ -522,16 +522,16 @@ class HomoVarStep:
 
 
 def _check_homovar_inputs(logits: Tensor, labels: Tensor, features: Tensor, alpha: float, beta: float,
-                          base: str) -> tuple[Tensor, Tensor]:
+                          base: str, check_labels: bool = True) -> tuple[Tensor, Tensor]:
     if not isinstance(logits, Tensor) or logits.ndim != 2 or not logits.dtype.is_floating_point:
         raise ValueError("logits must be a float [B, K] tensor")
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:1] or labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer [B] tensor matching logits' batch {logits.shape[0]}")
     if labels.numel() == 0:
         raise ValueError("the batch is empty: HomoVar needs at least one sample")
-    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
-        raise ValueError(f"labels must be class ids in [0, {logits.shape[1]}) (K from the logits), "
-                         f"got [{int(labels.min())}, {int(labels.max())}]")
+    lo, hi = torch.stack(torch.aminmax(labels)).tolist() if check_labels else (0, 0)  # one host read for both
+    if lo < 0 or hi >= logits.shape[1]:
+        raise ValueError(f"labels must be class ids in [0, {logits.shape[1]}) (K from the logits), got [{lo}, {hi}]")
     if not isinstance(features, Tensor) or features.ndim < 2 or features.shape[0] != logits.shape[0]:
         raise ValueError("features must be the [B, D] penultimate features (the FC's input) of this batch")
     if not 0 < alpha < 1:
@@ -560,9 +560,9 @@ def homovar_weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base 
 
 def _homovar(
     logits: Tensor, labels: Tensor, features: Tensor, counts: Sequence[float] | np.ndarray | Tensor | str,
-    alpha: float, beta: float, base: Base, mask_zeros: bool,
+    alpha: float, beta: float, base: Base, mask_zeros: bool, check_labels: bool = True,
 ) -> tuple[Tensor, HomoVarStep]:
-    y, feats = _check_homovar_inputs(logits, labels, features, alpha, beta, base)
+    y, feats = _check_homovar_inputs(logits, labels, features, alpha, beta, base, check_labels)
     k = logits.shape[1]
     feats = feats.detach()  # no gradient through the statistics: the original copies the weights (step 8)
     if isinstance(counts, str):
@@ -573,8 +573,8 @@ def _homovar(
     n_np = check_class_counts(counts)
     if n_np.size != k:
         raise ValueError(f"counts has {n_np.size} classes but logits have K={k}")
-    z = dispersion(feats, y, "mean", "l1", mask_zeros, counts=n_np)  # float64 (§5.10)
-    bounds = homogeneity_bounds(z, y.to(z.device), n_np, alpha)
+    z = dispersion(feats, y, "mean", "l1", mask_zeros, counts=n_np, check_labels=False)  # float64 (§5.10)
+    bounds = homogeneity_bounds(z, y.to(z.device), n_np, alpha, check_labels=False)  # y checked above
     b = homovar_beta(bounds.counts, bounds.n_lb, bounds.n_ub, beta)
     w = class_balanced_weights(b, bounds.counts)
     out = bounds.out_of_bounds
@@ -602,8 +602,8 @@ def _homovar_batch(logits: Tensor, y: Tensor, feats: Tensor, k: int, alpha: floa
         remap = torch.cumsum(present.long(), 0) - 1
         yp = remap[y.to(dev)]
         bc = b_all[classes]
-        z = dispersion(feats, yp, "mean", "l1", mask_zeros)
-        bounds = homogeneity_bounds(z, yp, bc, alpha, grand_mean="weighted", mask_zero_z=False)
+        z = dispersion(feats, yp, "mean", "l1", mask_zeros, check_labels=False)
+        bounds = homogeneity_bounds(z, yp, bc, alpha, grand_mean="weighted", mask_zero_z=False, check_labels=False)
         n_lb[classes], n_ub[classes] = bounds.n_lb, bounds.n_ub
         b_full[classes] = homovar_beta(bc, bounds.n_lb, bounds.n_ub, beta)
         w_stat = bounds.W
@@ -626,6 +626,7 @@ def homovar_loss(
     *,
     base: Base = "bce",
     mask_zeros: bool = True,
+    check_labels: bool = True,
 ) -> Tensor:
     """ClimbQ's HomoVar loss (§1.4), faithful by default; it *replaces* cross entropy (§5.6).
 
@@ -637,16 +638,18 @@ def homovar_loss(
     float64 then cast to the logits' dtype, §5.10), step 9 the weighted BCE on softmax
     (``base="ce"``: ``mean_i w_{y_i} CE_i`` instead). ``counts="batch"`` is the textbook-Levene variant.
     Vectorised with ``index_add``: no [B, K, D] tensor, no loop over classes or samples. A zero-count class
-    raises the generator's error (it would make the loss NaN, §5.4).
+    raises the generator's error (it would make the loss NaN, §5.4). The labels' range is checked with one host
+    read per call; ``check_labels=False`` skips it (labels a loader has checked: then a step reads nothing
+    back from a GPU here, except what ``torch.unique`` itself needs).
     """
-    return _homovar(logits, labels, features, counts, alpha, beta, base, mask_zeros)[0]
+    return _homovar(logits, labels, features, counts, alpha, beta, base, mask_zeros, check_labels)[0]
 
 
 class HomoVarLoss(nn.Module):
     """:func:`homovar_loss` as a module; ``last`` holds the :class:`HomoVarStep` diagnostics of the last call.
 
     ``HomoVarLoss(counts)(logits, labels, features)``; counts are validated once here (a zero-count class
-    raises the generator's error).
+    raises the generator's error). ``check_labels``: as in :func:`homovar_loss`.
     """
 
     def __init__(
@@ -657,8 +660,10 @@ class HomoVarLoss(nn.Module):
         *,
         base: Base = "bce",
         mask_zeros: bool = True,
+        check_labels: bool = True,
     ) -> None:
         super().__init__()
+        self.check_labels = bool(check_labels)
         if isinstance(counts, str):
             if counts != "batch":
                 raise ValueError(f"counts={counts!r}: pass the per-class dataset counts or 'batch'")
@@ -674,7 +679,7 @@ class HomoVarLoss(nn.Module):
 
     def forward(self, logits: Tensor, labels: Tensor, features: Tensor) -> Tensor:
         loss, self.last = _homovar(logits, labels, features, self.counts, self.alpha, self.beta, self.base,
-                                   self.mask_zeros)
+                                   self.mask_zeros, getattr(self, "check_labels", True))
         return loss
 
     def extra_repr(self) -> str:

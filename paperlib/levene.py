@@ -78,6 +78,7 @@ def dispersion(
     *,
     counts: Tensor | np.ndarray | Sequence[float] | None = None,
     proportiontocut: float = 0.05,
+    check_labels: bool = True,
 ) -> Tensor:
     """Per-sample dispersion ``z_i`` of [N, D] features around their class centre (spec §1.4 steps 1-2).
 
@@ -87,7 +88,8 @@ def dispersion(
     ``trimboth``). With ``counts`` (per-class dataset counts, ``center="mean"`` only) the centre is ClimbQ's
     ``m_k = (sum_{i in k} f_i) / counts[k]``: a batch sum divided by a dataset count. 1-D features are D = 1.
     Returns float64 [N] on the features' device; NaN features give NaN dispersions (not checked here:
-    :func:`levene_features` rejects them).
+    :func:`levene_features` rejects them). ``check_labels=False`` skips the range check of the labels (one
+    host read of the device; for labels the caller has checked).
     """
     _check_center(center)
     if reduce not in ("l1", "l2"):
@@ -100,7 +102,7 @@ def dispersion(
     if f.shape[0] == 0:
         raise ValueError("features has no rows: pass at least one sample")
     num_classes = None if counts is None else len(counts)
-    y = _as_labels(labels, f.shape[0], f.device, num_classes)
+    y = _as_labels(labels, f.shape[0], f.device, num_classes, check_labels)
     if counts is not None and center != "mean":
         raise ValueError(f"counts= gives ClimbQ's batch-sum/dataset-count mean; it needs center='mean', "
                          f"not {center!r}")
@@ -229,6 +231,7 @@ def homogeneity_bounds(
     *,
     grand_mean: GrandMean = "unweighted",
     mask_zero_z: bool = True,
+    check_labels: bool = True,
 ) -> HomogeneityBounds:
     """Levene statistics and the per-class bounds [n_lb, n_ub] on the class size (spec §1.4 steps 3-6).
 
@@ -240,6 +243,7 @@ def homogeneity_bounds(
     ``C_k = F* (K-1) ssw - sum_{j != k} sb_j``; ``a = zbar^2``, ``b_k = -(2 zbar S_k + C_k)``,
     ``c_k = S_k^2``;
     ``n_lb, n_ub = |(-b -+ sqrt(b^2 - 4ac)) / 2a|`` (NaN when the discriminant is negative).
+    ``check_labels=False`` skips the labels' range check (see :func:`dispersion`).
     """
     if grand_mean not in ("unweighted", "weighted"):
         raise ValueError(f"grand_mean={grand_mean!r}: use 'unweighted' (ClimbQ) or 'weighted' (textbook)")
@@ -255,7 +259,7 @@ def homogeneity_bounds(
     if big_n <= k:
         raise ValueError(f"the counts sum to N={big_n:g} <= K={k}: the within-class degrees of freedom N-K "
                          "must be positive (need more than one sample per class)")
-    y = _as_labels(labels, zt.shape[0], zt.device, k)
+    y = _as_labels(labels, zt.shape[0], zt.device, k, check_labels)
     n = torch.as_tensor(n_np, dtype=torch.float64, device=zt.device)
 
     s = torch.zeros(k, dtype=torch.float64, device=zt.device).index_add_(0, y, zt)
@@ -462,7 +466,7 @@ def _as_float64(x: object, what: str) -> Tensor:
     return torch.as_tensor(a, dtype=torch.float64)
 
 
-def _as_labels(labels: object, n: int, device: torch.device, num_classes: int | None) -> Tensor:
+def _as_labels(labels: object, n: int, device: torch.device, num_classes: int | None, check: bool = True) -> Tensor:
     y = labels if isinstance(labels, Tensor) else torch.as_tensor(np.asarray(labels))
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise TypeError(f"labels must be integer class ids, got dtype {y.dtype}")
@@ -470,7 +474,7 @@ def _as_labels(labels: object, n: int, device: torch.device, num_classes: int | 
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"labels must be 1-D with one label per sample ({n}), got shape {tuple(y.shape)}")
     y = y.to(device=device, dtype=torch.long)
-    if n:
+    if n and check:
         lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync for both bounds
         if lo < 0 or (num_classes is not None and hi >= num_classes):
             k = f"{num_classes}" if num_classes is not None else "K"

@@ -62,8 +62,15 @@ class LSQWeight(nn.Module):
         return f"bits={self.bits}"
 
 
+def _forget_initialized(module: nn.Module, incompatible_keys: object) -> None:
+    module._initialized_seen = False  # a loaded state may say "not initialised": read the buffer again
+
+
 class LSQActivation(nn.Module):
-    """LSQ activation quantizer; the step is initialised from the first training batch."""
+    """LSQ activation quantizer; the step is initialised from the first training batch.
+
+    The ``initialized`` buffer is read on the host until it has been seen True (then never again, so a training
+    step on a GPU waits for no device value); loading a state dict makes it read the buffer once more."""
 
     def __init__(self, bits: int, signed: bool = False) -> None:
         super().__init__()
@@ -71,14 +78,18 @@ class LSQActivation(nn.Module):
         self.signed = signed
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._initialized_seen = False
+        self.register_load_state_dict_post_hook(_forget_initialized)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == FULL_PRECISION:
             return x
-        if self.training and not bool(self.initialized):
-            with torch.no_grad():
-                self.step.copy_(lsq_init_step(x, self.bits, self.signed))
-                self.initialized.fill_(True)
+        if self.training and not getattr(self, "_initialized_seen", False):
+            if not bool(self.initialized):  # one host read per quantizer, until initialised
+                with torch.no_grad():
+                    self.step.copy_(lsq_init_step(x, self.bits, self.signed))
+                    self.initialized.fill_(True)
+            self._initialized_seen = True
         return lsq_quantize(x, self.step, self.bits, signed=self.signed)
 
     def extra_repr(self) -> str:
