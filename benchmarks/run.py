@@ -9,6 +9,8 @@
   LifeQuant also on their PyTorch paths with one quantizer call per layer (what the native CPU kernels and the
   one-pass weight quantization buy; on CUDA the default is the PyTorch path);
 - the HomoVar loss against the original's dense [B, K, D] formulation (time and peak memory);
+- kernel launches: the ATen ops of one train step per method on the PyTorch paths (those a GPU runs), the
+  measure a launch-bound GPU step follows, countable on a CPU;
 - DGMS memory: the peak memory of one ResNet-18 train step at K=16 on a 224 px batch against FP32 (issue 8);
 - the GPU path (only on CUDA): ``fit`` throughput of ResNet-20 at 32x32 in FP32 and with bf16 autocast +
   ``channels_last``, data resident on the GPU;
@@ -197,6 +199,55 @@ def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 
                          "images_per_s": round(batch / t, 1), "target": target,
                          "meets_target": None if target is None else bool(ratio <= target)})
             print(f"  {size:>3}px {name:<28} {1000 * t:8.1f} ms  x{ratio:.2f}", flush=True)
+    return rows
+
+
+def count_ops(fn: Callable[[], Any]) -> int:
+    """How many ATen ops ``fn`` dispatches (every one is a kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def bench_ops(batch: int = 16) -> list[dict[str, Any]]:
+    """ATen ops of one train step (forward, backward, SGD step) of every case on the PyTorch paths: the native
+    CPU kernels off, as on a GPU, where a batch-128 ResNet-20 step is bound by kernel launches and the step-time
+    ratios follow these counts (``results-h100.md``). Measured on CPU, so it tracks the GPU path without one."""
+    from paperlib.quant import native
+
+    saved = dict(native._state)
+    native._state.clear()
+    native._state.update(lib=None, error="off for the op count (the GPU takes the PyTorch paths)")
+    rows = []
+    try:
+        x, y = torch.randn(batch, 3, 8, 8), torch.arange(batch) % 10
+        for name, build in step_cases().items():
+            model, loss_fn = build()
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+
+            def step(model=model, loss_fn=loss_fn, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model, x, y).backward()
+                opt.step()
+
+            step()
+            rows.append({"case": name, "ops": count_ops(step)})
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+    base = {r["case"]: r["ops"] for r in rows}
+    for r in rows:
+        r["ratio_vs_fp32"] = round(r["ops"] / base[BASELINE.get(r["case"], "FP32")], 2)
     return rows
 
 
@@ -446,6 +497,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += ["", "## GPU path: `fit` throughput, ResNet-20 32x32, batch 128, data on the GPU\n",
                   "| variant | images/s |", "|---|---|"]
         lines += [f"| {r['case']} | {r['images_per_s']} |" for r in results["gpu_fit"]]
+    if results.get("ops"):
+        lines += ["", "## Kernel launches: ATen ops of one train step on the PyTorch paths (the GPU's)\n",
+                  "| method | ops | × FP32 |", "|---|---|---|"]
+        lines += [f"| {r['case']} | {r['ops']} | {r['ratio_vs_fp32']} |" for r in results["ops"]]
+        lines.append("\nCounted on CPU with the native kernels off: a GPU runs these paths, about one kernel per op. "
+                     "On one H100 the step-time ratios of the per-layer quantizers followed these counts (uniform "
+                     "3.2x, LSQ 3.6x, ClimbQ 3.6x, LifeQuant 3.2x; `results-h100.md`); DGMS's did not (7x: its "
+                     "[K, n] chunks are heavier ops).")
     if results.get("e2e"):
         lines += ["", "## End-to-end: `reproduce` wall time per notebook\n", "| preset | notebook | wall s | ok |",
                   "|---|---|---|---|"]
@@ -470,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                    "'none' to skip; --quick skips)")
     p.add_argument("--dgms-batch", type=int, default=None, help="224 px batch of the DGMS memory case "
                    "(default 64 on CUDA, 8 on CPU; 0 skips)")
-    p.add_argument("--only", default="", help="comma-separated sections: steps,homovar,dgms_memory,gpu_fit,e2e")
+    p.add_argument("--only", default="", help="comma-separated sections: steps,homovar,ops,dgms_memory,gpu_fit,e2e")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     reps = args.reps or (3 if args.quick else 7)
@@ -483,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(device), "reps": reps}
     results["steps"] = bench_steps(device, sizes, reps) if want("steps") else []
     results["homovar"] = bench_homovar(device, reps, args.quick) if want("homovar") else []
+    if want("ops"):
+        results["ops"] = bench_ops()
     if want("dgms_memory") and dgms_batch and not args.quick:
         results["dgms_memory"] = bench_dgms_memory(device, dgms_batch, max(1, reps // 3))
     if want("gpu_fit") and device.type == "cuda":

@@ -48,3 +48,14 @@ def test_markdown_renders_memory_gpu_and_e2e_sections():
     assert "| DGMS K=16 | 64 | 315.5 | 1443.2 | 681.0 |" in md
     assert "| FP32 | 10692.2 |" in md
     assert "| smoke | cbp | 20.5 | **no** |" in md
+
+
+def test_op_count_sees_what_one_pass_saves():
+    from benchmarks.run import bench_ops, count_ops
+
+    assert count_ops(lambda: torch.ones(3) + 1) == 2  # ones, add
+    rows = {r["case"]: r for r in bench_ops(batch=4)}
+    assert rows["FP32"]["ratio_vs_fp32"] == 1.0 and rows["FP32"]["ops"] > 100
+    assert rows["ClimbQ W4A4"]["ops"] < rows["ClimbQ W4A4 (PyTorch path, per layer)"]["ops"]
+    assert "| FP32 | " in to_markdown({"machine": {"cpus": 2, "torch": "x", "device": "cpu"}, "reps": 1,
+                                       "steps": [], "homovar": [], "ops": list(rows.values())})
