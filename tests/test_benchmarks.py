@@ -53,7 +53,8 @@ def test_markdown_renders_memory_gpu_and_e2e_sections():
 def test_op_count_sees_what_one_pass_saves():
     from benchmarks.run import bench_ops, count_ops
 
-    assert count_ops(lambda: torch.ones(3) + 1) == 2  # ones, add
+    assert count_ops(lambda: torch.ones(3) + 1) == 2  # ones (a fill), add
+    assert count_ops(lambda: torch.ones(6).view(2, 3).detach()) == 1  # views launch nothing
     rows = {r["case"]: r for r in bench_ops(batch=4)}
     assert rows["FP32"]["ratio_vs_fp32"] == 1.0 and rows["FP32"]["ops"] > 100
     assert rows["ClimbQ W4A4"]["ops"] < rows["ClimbQ W4A4 (PyTorch path, per layer)"]["ops"]
