@@ -5,17 +5,22 @@ from .core import (
     QuantConv2d,
     QuantLinear,
     first_last_layers,
+    one_pass_enabled,
     quantize_model,
+    quantize_weights_in_one_pass,
     quantized_layers,
     round_ste,
+    set_one_pass,
     ste,
+    weight_groups,
     weight_layers,
 )
 from .lsq import LSQActivation, LSQWeight, lsq_quantize
 from .uniform import ClippedActivation, DoReFaWeight, clipped_activation, dorefa_weight, uniform_quantize
 
 __all__ = [
-    "ActSlot", "QuantConv2d", "QuantLinear", "first_last_layers", "quantize_model", "quantized_layers",
-    "round_ste", "ste", "weight_layers", "LSQActivation", "LSQWeight", "lsq_quantize", "ClippedActivation",
+    "ActSlot", "QuantConv2d", "QuantLinear", "first_last_layers", "one_pass_enabled", "quantize_model",
+    "quantize_weights_in_one_pass", "quantized_layers", "round_ste", "set_one_pass", "ste", "weight_groups",
+    "weight_layers", "LSQActivation", "LSQWeight", "lsq_quantize", "ClippedActivation",
     "DoReFaWeight", "clipped_activation", "dorefa_weight", "uniform_quantize",
 ]
