@@ -233,7 +233,15 @@ def test_lifequant_weights_in_one_call_and_their_errors():
     ws = [torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(12, 8, requires_grad=True)]
     many = LQ.quantize_weights(ws, 4)
     assert all(torch.equal(a, LQ.quantize_weight(w, 4)) for a, w in zip(many, ws, strict=True))
-    assert len(LQ.quantize_weights(ws, 4, native=False)) == 2
+    gs = [torch.randn_like(w) for w in ws]
+    torch.autograd.backward([LQ.quantize_weight(w, 4, native=False) for w in ws], gs)
+    one = [w.grad.clone() for w in ws]
+    for w in ws:
+        w.grad = None
+    flat = LQ.quantize_weights(ws, 4, native=False)  # the torch path on one buffer: the per-tensor bits
+    assert all(torch.equal(a, LQ.quantize_weight(w, 4, native=False)) for a, w in zip(flat, ws, strict=True))
+    torch.autograd.backward(flat, gs)
+    assert all(torch.equal(a, w.grad) for a, w in zip(one, ws, strict=True))
     with pytest.raises(ValueError, match="2 <= k <= 8"):
         LQ.quantize_weights(ws, 1)
     with pytest.raises(ValueError, match="at least 2"):
@@ -261,7 +269,8 @@ def test_native_choice_and_clear_errors(monkeypatch):
     assert torch.equal(C.quantize_weight(w, 4), C.quantize_weight(w, 4, native=False))
     with pytest.raises(RuntimeError, match="disabled for this test"):
         C.quantize_weight(w, 4, native=True)
-    assert LQ.LifeQuantWeight(4).group_key(w) is None  # the torch path quantizes one by one
+    assert LQ.LifeQuantWeight(4).group_key(w) is not None  # the torch path groups too (one flat buffer)
+    assert LQ.LifeQuantWeight(4, clip=True).group_key(w) is None
 
 
 def test_double_backward_is_refused():

@@ -145,9 +145,10 @@ def test_climbq_resnet_one_pass_equals_per_layer(native):
     assert_same_step(a, b, x, y)
 
 
-def test_lifequant_resnet_one_pass_equals_per_layer():
+@pytest.mark.parametrize("native", [None, False])
+def test_lifequant_resnet_one_pass_equals_per_layer(native):
     torch.manual_seed(0)
-    a = LQ.quantize_lifequant(create_model("resnet20", num_classes=10, in_channels=1), 4, 4)
+    a = LQ.quantize_lifequant(create_model("resnet20", num_classes=10, in_channels=1), 4, 4, native=native)
     b = copy.deepcopy(a)
     set_one_pass(b, False)
     groups = weight_groups(a)

@@ -134,6 +134,47 @@ class _StandardizeQkFn(torch.autograd.Function):
         return gw.mul_(torch.div(_c(ctx.std, s), s)), None, None
 
 
+class _StandardizeQkGroupFn(torch.autograd.Function):
+    """:class:`_StandardizeQkFn` for several tensors at once: one autograd node, the rounding on one flat buffer;
+    each tensor keeps its own mean and std and the same ops, so values and gradients are the per-tensor ones."""
+
+    @staticmethod
+    def forward(ctx, n: int, std: float, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
+        z, stds, sizes = _standardized_flat(ws)
+        out = _standardized_qk(z, n, std, out=None)
+        ctx.z, ctx.stds, ctx.sizes, ctx.std = z, stds, sizes, std
+        ctx.set_materialize_grads(False)
+        return tuple(o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: D102
+        _no_double_backward()
+        out: list[Tensor | None] = [None, None]
+        for gi, z, s, k in zip(grads, ctx.z.split(ctx.sizes), ctx.stds, ctx.sizes, strict=True):
+            if gi is None:
+                out.append(None)
+                continue
+            g = gi.reshape(-1)
+            dot = torch.dot(g, z)
+            gw = torch.sub(g, g.mean()).addcmul_(z, dot, value=-1 / (k - 1))
+            out.append(gw.mul_(torch.div(_c(ctx.std, s), s)).view_as(gi))
+        return tuple(out)
+
+
+def _standardized_flat(ws: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[int]]:
+    """``(w - mean w) / std w`` of each tensor (as ``_StandardizeQkFn`` computes it) concatenated flat, the
+    stds and the sizes."""
+    sizes = [w.numel() for w in ws]
+    z = torch.cat([w.detach().reshape(-1) for w in ws])
+    stds = []
+    for w, seg in zip(ws, z.split(sizes), strict=True):
+        w = w.detach()
+        s = w.std()
+        seg.sub_(w.mean()).div_(s)
+        stds.append(s)
+    return z, stds, sizes
+
+
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True)
         raise RuntimeError("the fused LifeQuant quantizers are differentiable once; for a double backward "
@@ -271,16 +312,27 @@ def quantize_weights(
 ) -> list[Tensor]:
     """The shipped ``"standardize"`` quantizer (k >= 2, no clip) of each tensor in ``ws`` in one pass: one
     autograd node for all of them (the model's one-pass hook, :func:`paperlib.quant.core.set_one_pass`). On CPU
-    the native kernel takes them in one call; elsewhere each goes through :func:`quantize_weight`."""
+    the native kernel takes them in one call; elsewhere the torch path rounds them on one flat buffer (the
+    per-tensor values and gradients, bit for bit)."""
     check_bits(bits)
     ws = list(ws)
     if bits in (1, FULL_PRECISION):
         raise ValueError(f"quantize_weights is the fused k-bit path (2 <= k <= 8), got bits={bits}")
     for w in ws:
         _check_tensor(w, "w", min_numel=2)
-    if ws and _native.use_native(native, *ws):
+    if not ws:
+        return []
+    if _native.use_native(native, *ws):
         return _native.lifequant_weights(ws, bits, float(std))
-    return [quantize_weight(w, bits, std=std, native=False) for w in ws]
+    if len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].dtype not in _FUSED_DTYPES:
+        return [quantize_weight(w, bits, std=std, native=False) for w in ws]
+    n = 2**bits - 1
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return list(_StandardizeQkGroupFn.apply(n, float(std), *ws))
+    with torch.no_grad():
+        z, _, sizes = _standardized_flat(ws)
+        out = _standardized_qk(z, n, float(std), out=z)
+        return [o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True)]
 
 
 def quantize_activation(
@@ -358,11 +410,11 @@ class LifeQuantWeight(nn.Module):
                                native=self.native)
 
     def group_key(self, w: Tensor) -> tuple | None:
-        """The shipped fused quantizer on CPU kernels groups by (bits, std, dtype); anything else: one by one."""
+        """The shipped fused quantizer groups by (bits, std, dtype, device, native); anything else: one by one."""
         if (self.quantizer != "standardize" or self.clip or not self.fused or self.bits in (1, FULL_PRECISION)
-                or w.numel() < 2 or not _native.use_native(self.native, w)):
+                or w.numel() < 2 or w.dtype not in _FUSED_DTYPES):
             return None
-        return (self.bits, float(self.std), w.dtype)
+        return (self.bits, float(self.std), w.dtype, w.device, self.native)
 
     @staticmethod
     def quantize_group(ws: Sequence[Tensor], quantizers: Sequence[LifeQuantWeight]) -> list[Tensor]:
