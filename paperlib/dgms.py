@@ -371,6 +371,123 @@ class _SoftWeights(torch.autograd.Function):
         return gw.view_as(w), gm, gs, gpi, -gt / tau, None, None
 
 
+class _SoftWeightsGrouped(torch.autograd.Function):
+    """:class:`_SoftWeights` for the weights of several layers at once (the model's one pass, issue 9): one
+    autograd node and one chunked loop over all of them instead of one per layer, each weight with its own
+    layer's mixture. ``seg`` [N] is each weight's layer; ``M, S, P`` [L, K] and ``T`` [L] the layers' effective
+    ``m, sigma_e, pi~, tau``. The same math and gradients as per layer; the per-layer sums of the parameter
+    gradients are ``index_add``s over the weights."""
+
+    @staticmethod
+    def forward(ctx, flat, seg, M, S, P, T, faithful: bool, chunk_elements: int):  # noqa: D102
+        out = torch.empty_like(flat)
+        step = _chunk(M.shape[1], chunk_elements)
+        tabs = _group_tables(M, S, P)
+        for s in range(0, flat.numel(), step):
+            sg = seg[s : s + step]
+            cols = _cols(tabs, T, sg)
+            a = _assign_cols(flat[s : s + step], cols, faithful)[-1]
+            out[s : s + step] = (cols[0] * a).sum(0)
+        ctx.save_for_backward(flat, seg, M, S, P, T)
+        ctx.faithful, ctx.step = faithful, step
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        flat, seg, M, S, P, T = ctx.saved_tensors
+        gw = torch.empty_like(flat)
+        gm, gs, glam = (torch.zeros_like(M) for _ in range(3))
+        gt = torch.zeros_like(T)
+        tabs = _group_tables(M, S, P)
+        for s in range(0, flat.numel(), ctx.step):
+            sg = seg[s : s + ctx.step]
+            cols = _cols(tabs, T, sg)
+            m, iv, tau = cols[0], cols[1], cols[3]
+            g = grad[s : s + ctx.step][None, :]
+            _, d, q, r, z, a = _assign_cols(flat[s : s + ctx.step], cols, ctx.faithful)
+            ga = g * a
+            zeta = ga * (m - (m * a).sum(0))
+            gt.index_add_(0, sg, (zeta * z.masked_fill(a == 0, 0)).sum(0))
+            if ctx.faithful:
+                rho = zeta / tau
+                lam = r * (rho - (rho * r).sum(0, keepdim=True))
+            else:
+                lam = zeta / tau
+            lam_d = lam * d * iv
+            gw[s : s + ctx.step] = -lam_d.sum(0)
+            gm.index_add_(0, sg, (ga + lam_d).T)
+            gs.index_add_(0, sg, (lam * (q - 1)).T)
+            glam.index_add_(0, sg, lam.T)
+        gpi = torch.where(P > 0, glam / P.masked_fill(P == 0, 1), 0)
+        return gw, None, gm, gs / S, gpi, -gt / T, None, None
+
+
+def _group_tables(M: Tensor, S: Tensor, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per layer: means, 1/sigma^2 and log pi~ - log sigma - log(2 pi)/2 (as :func:`_log_joint` forms them)."""
+    return M, S.pow(-2), torch.log(P) - torch.log(S) - _HALF_LOG_2PI
+
+
+def _cols(tabs: tuple[Tensor, Tensor, Tensor], T: Tensor, sg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each weight's column of the layer tables ([K, n]) and its tau ([n])."""
+    return (*(t[sg].T for t in tabs), T[sg])
+
+
+def _assign_cols(x: Tensor, cols: tuple[Tensor, Tensor, Tensor, Tensor], faithful: bool):
+    """:func:`_assign` with a mixture per weight (columns): the same ops on the same values."""
+    m, iv, c, tau = cols
+    d = x[None, :] - m
+    q = d * d * iv
+    l = c - 0.5 * q
+    log_den = torch.logaddexp(torch.logsumexp(l, 0), l.new_tensor(math.log(EPS)))
+    r = torch.exp(l - log_den)
+    z = r / tau if faithful else l / tau
+    return l, d, q, r, z, torch.softmax(z, 0)
+
+
+_SEGMENTS: dict[tuple, Tensor] = {}
+
+
+def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Each weight's layer index for layers of ``sizes`` (cached: the same model asks every step)."""
+    key = (sizes, str(device))
+    seg = _SEGMENTS.get(key)
+    if seg is None:
+        if len(_SEGMENTS) > 64:
+            _SEGMENTS.clear()
+        seg = _SEGMENTS[key] = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return seg
+
+
+def soft_weights_grouped(ws: Sequence[Tensor], quantizers: Sequence[DGMSWeight]) -> list[Tensor]:
+    """``S(w)`` of every layer in one pass (:meth:`DGMSWeight.quantize_group`): the layers' mixtures are stacked
+    (with the §2 guards applied and counted per layer, as :meth:`DGMSWeight.mixture` does), their weights
+    concatenated, and one chunked loop computes all of them."""
+    q0 = quantizers[0]
+    dtype = ws[0].dtype
+    if q0.guards:
+        rest = torch.stack([q.mu_rest for q in quantizers]).to(dtype)
+        M = torch.cat([rest.detach().new_zeros(len(quantizers), 1), rest], 1)
+        sa = torch.stack([q.sigma for q in quantizers]).to(dtype).abs()
+        pa = torch.stack([q.pi for q in quantizers]).to(dtype).abs()
+        t = torch.stack([q.tau.reshape(()) for q in quantizers]).to(dtype)
+        with torch.no_grad():  # counted on the device, per layer: no host sync
+            hits = torch.stack([(sa < SIGMA_MIN).any(1), t < TAU_MIN], 1)
+            torch._foreach_add_([q.guard_hits for q in quantizers],
+                                list(hits.to(q0.guard_hits.dtype).unbind(0)))
+        M, S, P, T = M, sa.clamp_min(SIGMA_MIN), pa / pa.sum(1, keepdim=True), t.clamp_min(TAU_MIN)
+    else:
+        mix = [q.mixture(dtype) for q in quantizers]
+        M, S, P = (torch.stack([x[i] for x in mix]) for i in range(3))
+        T = torch.stack([x[3].reshape(()) for x in mix])
+    sizes = tuple(w.numel() for w in ws)
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    out = _SoftWeightsGrouped.apply(flat, _segments(sizes, flat.device), M, S, P, T,
+                                    q0.logits == "responsibility", q0.chunk_elements)
+    return [o.view_as(w) for o, w in zip(out.split(list(sizes)), ws, strict=True)]
+
+
 def _soft_reference(
     w: Tensor, m: Tensor, sigma_e: Tensor, pi_t: Tensor, tau: Tensor, faithful: bool
 ) -> Tensor:
@@ -688,6 +805,22 @@ class DGMSWeight(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         return self.soft(w) if self.training or self.eval_mode == "soft" else self.hard(w)
+
+    def group_key(self, w: Tensor) -> tuple | None:
+        """Soft assignments on the chunked torch path (CUDA, or ``impl="fused"``) of layers with the same K,
+        logits, guards, chunk, dtype and device run in one pass (:func:`soft_weights_grouped`); the native
+        kernel and the hard assignment stay per layer (None)."""
+        impl = getattr(self, "impl", "fused")
+        if not (self.training or self.eval_mode == "soft") or impl not in ("auto", "fused"):
+            return None
+        if _use_native(impl, w, self.num_components) or w.dtype not in (torch.float32, torch.float64):
+            return None
+        return (self.num_components, self.logits, self.guards, self.chunk_elements, w.dtype, w.device)
+
+    @staticmethod
+    def quantize_group(ws: Sequence[Tensor], quantizers: Sequence[DGMSWeight]) -> list[Tensor]:
+        """The one-pass form of ``forward`` for layers whose ``group_key`` agree."""
+        return soft_weights_grouped(ws, quantizers)
 
     def guard_report(self) -> dict[str, int]:
         """How many forward calls had |sigma| < 1e-8 and tau < 1e-4 clamped (0 and 0 unless guards fired)."""
