@@ -301,20 +301,61 @@ def init_mixture(
 # ----------------------------------------------------------------------------------------------------------
 def _log_joint(x: Tensor, m: Tensor, sigma_e: Tensor, pi_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``l[k, i] = log pi~_k + log N(x_i; m_k, sigma_k^2)`` with ``d = x - m`` and ``q = d^2 / sigma^2``."""
-    inv_var = sigma_e.pow(-2)[:, None]
-    d = x[None, :] - m[:, None]
-    q = d * d * inv_var
-    c = torch.log(pi_t) - torch.log(sigma_e) - _HALF_LOG_2PI
-    return c[:, None] - 0.5 * q, d, q
+    return _log_joint_cols(x, _columns(*_group_tables(m, sigma_e, pi_t)))
+
+
+def _group_tables(m: Tensor, sigma_e: Tensor, pi_t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Means, ``1/sigma^2`` and ``log pi~ - log sigma - log(2 pi)/2`` of one mixture ([K]) or of a layer per row
+    ([L, K]): what the log-joint needs."""
+    return m, sigma_e.pow(-2), torch.log(pi_t) - torch.log(sigma_e) - _HALF_LOG_2PI
+
+
+def _columns(m: Tensor, iv: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One mixture's tables as [K, 1] columns, broadcasting over a chunk of weights."""
+    return m[:, None], iv[:, None], c[:, None]
+
+
+def _log_joint_cols(x: Tensor, cols: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(l, d, q) for a chunk ``x`` [n] with the mixture as columns: [K, 1] (one layer) or [K, n] (per weight)."""
+    m, iv, c = cols[:3]
+    d = x[None, :] - m
+    q = d * d * iv
+    return c - 0.5 * q, d, q
 
 
 def _assign(x: Tensor, m: Tensor, sigma_e: Tensor, pi_t: Tensor, tau: Tensor, faithful: bool):
     """(l, d, q, r, z, a) for one chunk: log-joint, responsibilities (log-space), logits, softmax."""
-    l, d, q = _log_joint(x, m, sigma_e, pi_t)
+    return _assign_cols(x, (*_columns(*_group_tables(m, sigma_e, pi_t)), tau), faithful)
+
+
+def _assign_cols(x: Tensor, cols: Sequence[Tensor], faithful: bool):
+    """:func:`_assign` with the mixture as columns ``(m, 1/sigma^2, log-constant, tau)``: tau a scalar (one layer)
+    or [n] (a tau per weight)."""
+    l, d, q = _log_joint_cols(x, cols)
+    tau = cols[3]
     log_den = torch.logaddexp(torch.logsumexp(l, 0), l.new_tensor(math.log(EPS)))
     r = torch.exp(l - log_den)
     z = r / tau if faithful else l / tau
     return l, d, q, r, z, torch.softmax(z, 0)
+
+
+def _backward_terms(x: Tensor, g: Tensor, cols: Sequence[Tensor], faithful: bool):
+    """Per-weight gradient terms of S(w) for one chunk (the derivation in :class:`_SoftWeights`): ``dL/dw`` [n]
+    and, still to be summed over the weights of each layer, ``g a_k + lambda_k d_k / sigma_k^2`` (means),
+    ``lambda_k (q_k - 1)`` (sigmas, before the division by sigma), ``lambda_k`` (weights) and
+    ``sum_k zeta_k z_k`` [n] (tau, before the factor -1/tau)."""
+    m, iv, tau = cols[0], cols[1], cols[3]
+    _, d, q, r, z, a = _assign_cols(x, cols, faithful)
+    ga = g[None, :] * a
+    zeta = ga * (m - (m * a).sum(0))
+    zt = (zeta * z.masked_fill(a == 0, 0)).sum(0)
+    if faithful:
+        rho = zeta / tau
+        lam = r * (rho - (rho * r).sum(0, keepdim=True))
+    else:
+        lam = zeta / tau
+    lam_d = lam * d * iv
+    return -lam_d.sum(0), ga + lam_d, lam * (q - 1), lam, zt
 
 
 def _chunk(k: int, chunk_elements: int) -> int:
@@ -351,22 +392,14 @@ class _SoftWeights(torch.autograd.Function):
         gw = torch.empty_like(flat)
         gm, gs, glam = (torch.zeros_like(m) for _ in range(3))
         gt = tau.new_zeros(())
+        cols = (*_columns(*_group_tables(m, sigma_e, pi_t)), tau)
         for s in range(0, flat.numel(), ctx.step):
-            g = gflat[s : s + ctx.step][None, :]
-            _, d, q, r, z, a = _assign(flat[s : s + ctx.step], m, sigma_e, pi_t, tau, ctx.faithful)
-            ga = g * a
-            zeta = ga * (m[:, None] - m @ a)
-            gt += (zeta * z.masked_fill(a == 0, 0)).sum()
-            if ctx.faithful:
-                rho = zeta / tau
-                lam = r * (rho - (rho * r).sum(0, keepdim=True))
-            else:
-                lam = zeta / tau
-            lam_d = lam * d * sigma_e.pow(-2)[:, None]
-            gw[s : s + ctx.step] = -lam_d.sum(0)
-            gm += ga.sum(1) + lam_d.sum(1)
-            gs += (lam * (q - 1)).sum(1) / sigma_e
-            glam += lam.sum(1)
+            gw[s : s + ctx.step], dm, ds, dlam, zt = _backward_terms(flat[s : s + ctx.step],
+                                                                    gflat[s : s + ctx.step], cols, ctx.faithful)
+            gt += zt.sum()
+            gm += dm.sum(1)
+            gs += ds.sum(1) / sigma_e
+            glam += dlam.sum(1)
         gpi = torch.where(pi_t > 0, glam / pi_t.masked_fill(pi_t == 0, 1), 0)
         return gw.view_as(w), gm, gs, gpi, -gt / tau, None, None
 
@@ -384,8 +417,7 @@ class _SoftWeightsGrouped(torch.autograd.Function):
         step = _chunk(M.shape[1], chunk_elements)
         tabs = _group_tables(M, S, P)
         for s in range(0, flat.numel(), step):
-            sg = seg[s : s + step]
-            cols = _cols(tabs, T, sg)
+            cols = _weight_columns(tabs, T, seg[s : s + step])
             a = _assign_cols(flat[s : s + step], cols, faithful)[-1]
             out[s : s + step] = (cols[0] * a).sum(0)
         ctx.save_for_backward(flat, seg, M, S, P, T)
@@ -402,62 +434,19 @@ class _SoftWeightsGrouped(torch.autograd.Function):
         tabs = _group_tables(M, S, P)
         for s in range(0, flat.numel(), ctx.step):
             sg = seg[s : s + ctx.step]
-            cols = _cols(tabs, T, sg)
-            m, iv, tau = cols[0], cols[1], cols[3]
-            g = grad[s : s + ctx.step][None, :]
-            _, d, q, r, z, a = _assign_cols(flat[s : s + ctx.step], cols, ctx.faithful)
-            ga = g * a
-            zeta = ga * (m - (m * a).sum(0))
-            gt.index_add_(0, sg, (zeta * z.masked_fill(a == 0, 0)).sum(0))
-            if ctx.faithful:
-                rho = zeta / tau
-                lam = r * (rho - (rho * r).sum(0, keepdim=True))
-            else:
-                lam = zeta / tau
-            lam_d = lam * d * iv
-            gw[s : s + ctx.step] = -lam_d.sum(0)
-            gm.index_add_(0, sg, (ga + lam_d).T)
-            gs.index_add_(0, sg, (lam * (q - 1)).T)
-            glam.index_add_(0, sg, lam.T)
+            gw[s : s + ctx.step], dm, ds, dlam, zt = _backward_terms(
+                flat[s : s + ctx.step], grad[s : s + ctx.step], _weight_columns(tabs, T, sg), ctx.faithful)
+            gt.index_add_(0, sg, zt)
+            gm.index_add_(0, sg, dm.T)
+            gs.index_add_(0, sg, ds.T)
+            glam.index_add_(0, sg, dlam.T)
         gpi = torch.where(P > 0, glam / P.masked_fill(P == 0, 1), 0)
         return gw, None, gm, gs / S, gpi, -gt / T, None, None
 
 
-def _group_tables(M: Tensor, S: Tensor, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per layer: means, 1/sigma^2 and log pi~ - log sigma - log(2 pi)/2 (as :func:`_log_joint` forms them)."""
-    return M, S.pow(-2), torch.log(P) - torch.log(S) - _HALF_LOG_2PI
-
-
-def _cols(tabs: tuple[Tensor, Tensor, Tensor], T: Tensor, sg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each weight's column of the layer tables ([K, n]) and its tau ([n])."""
+def _weight_columns(tabs: Sequence[Tensor], T: Tensor, sg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each weight's column of the per-layer tables ([K, n]) and its tau ([n]); ``sg`` is each weight's layer."""
     return (*(t[sg].T for t in tabs), T[sg])
-
-
-def _assign_cols(x: Tensor, cols: tuple[Tensor, Tensor, Tensor, Tensor], faithful: bool):
-    """:func:`_assign` with a mixture per weight (columns): the same ops on the same values."""
-    m, iv, c, tau = cols
-    d = x[None, :] - m
-    q = d * d * iv
-    l = c - 0.5 * q
-    log_den = torch.logaddexp(torch.logsumexp(l, 0), l.new_tensor(math.log(EPS)))
-    r = torch.exp(l - log_den)
-    z = r / tau if faithful else l / tau
-    return l, d, q, r, z, torch.softmax(z, 0)
-
-
-_SEGMENTS: dict[tuple, Tensor] = {}
-
-
-def _segments(sizes: tuple[int, ...], device: torch.device) -> Tensor:
-    """Each weight's layer index for layers of ``sizes`` (cached: the same model asks every step)."""
-    key = (sizes, str(device))
-    seg = _SEGMENTS.get(key)
-    if seg is None:
-        if len(_SEGMENTS) > 64:
-            _SEGMENTS.clear()
-        seg = _SEGMENTS[key] = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return seg
 
 
 def soft_weights_grouped(ws: Sequence[Tensor], quantizers: Sequence[DGMSWeight]) -> list[Tensor]:
@@ -481,11 +470,12 @@ def soft_weights_grouped(ws: Sequence[Tensor], quantizers: Sequence[DGMSWeight])
         mix = [q.mixture(dtype) for q in quantizers]
         M, S, P = (torch.stack([x[i] for x in mix]) for i in range(3))
         T = torch.stack([x[3].reshape(()) for x in mix])
-    sizes = tuple(w.numel() for w in ws)
+    sizes = [w.numel() for w in ws]
     flat = torch.cat([w.reshape(-1) for w in ws])
-    out = _SoftWeightsGrouped.apply(flat, _segments(sizes, flat.device), M, S, P, T,
-                                    q0.logits == "responsibility", q0.chunk_elements)
-    return [o.view_as(w) for o, w in zip(out.split(list(sizes)), ws, strict=True)]
+    seg = torch.repeat_interleave(torch.arange(len(ws), device=flat.device),  # each weight's layer
+                                  torch.tensor(sizes, device=flat.device), output_size=flat.numel())
+    out = _SoftWeightsGrouped.apply(flat, seg, M, S, P, T, q0.logits == "responsibility", q0.chunk_elements)
+    return [o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True)]
 
 
 def _soft_reference(
