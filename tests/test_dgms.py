@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import random_mixture, sample_mixture
 from torch import nn
 
 from paperlib.dgms import (
@@ -51,22 +52,6 @@ def tv_loss(s):
     return (torch.arange(1, s.numel() + 1, dtype=s.dtype) * s).sum()
 
 
-def random_mixture(k=5, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rest = torch.linspace(-0.3, 0.3, k - 1) + 0.01 * torch.randn(k - 1, generator=g)
-    mu = torch.cat([torch.zeros(1), rest])
-    sigma = 0.03 + 0.03 * torch.rand(k, generator=g)
-    pi = 0.5 + torch.rand(k, generator=g)
-    return mu.to(dtype), sigma.to(dtype), pi.to(dtype)
-
-
-def sample_mixture(mu, sigma, pi, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    comp = torch.multinomial(pi.abs() / pi.abs().sum(), n, replacement=True, generator=g)
-    return mu[comp] + sigma[comp] * torch.randn(n, generator=g, dtype=mu.dtype)
-
-
-# ------------------------------------------------------------------------------------------------ §4 vectors
 def test_tv1_tau_001_soft_is_already_hard():
     w, mu, sigma, pi, tau = tv(tau=0.01)
     s = soft_weights(w, mu, sigma, pi, tau)

@@ -264,6 +264,17 @@ def test_fused_step_matches_reference_step(mode, variant):
             assert_bits(g, p.grad)
 
 
+def _step(ctl, model, opt, x, y) -> Tensor:
+    """One CBP training step as ``fit`` runs it: criterion, backward, after_backward, SGD step, after_step."""
+    loss = ctl.criterion(model, x, y)
+    opt.zero_grad()
+    loss.backward()
+    ctl.after_backward()
+    opt.step()
+    ctl.after_step()
+    return loss
+
+
 def _train(mode: str, variant: str, fused: bool, reference: bool, monkeypatch, device: str = "cpu") -> list[Tensor]:
     model = _model().to(device)
     ctl = CBP(model, mode, variant=variant, lr_lambda=0.05, p_max=2, fused=fused)
@@ -275,14 +286,7 @@ def _train(mode: str, variant: str, fused: bool, reference: bool, monkeypatch, d
     ctl.on_train_start(model, opt)
     out = []
     for i, (x, y) in enumerate(_batches(6)):
-        x, y = x.to(device), y.to(device)
-        loss = ctl.criterion(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        ctl.after_backward()
-        opt.step()
-        ctl.after_step()
-        out.append(loss.detach())
+        out.append(_step(ctl, model, opt, x.to(device), y.to(device)).detach())
         if i % 2 == 1:
             out.append(torch.tensor(ctl.end_of_epoch()["loss_sum"]))
             out.append(torch.tensor(list(ctl.metrics().values())))
@@ -365,12 +369,7 @@ def test_no_host_sync_in_the_fused_step(monkeypatch):
     batches = _batches(3)
 
     def step(x, y):
-        loss = ctl.criterion(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        ctl.after_backward()
-        opt.step()
-        ctl.after_step()
+        _step(ctl, model, opt, x, y)
 
     step(*batches[0])
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_same_step
 from torch import Tensor, nn
 
 from paperlib import climbq as C
@@ -197,12 +197,7 @@ def test_climbq_modules_and_model_fused_equal_reference_path():
     x, y = torch.randn(12, 1, 8, 8), torch.tensor([0, 0, 0, 1, 1, 2] * 2)
     for m in (model, ref):
         C.set_sigma(m, C.batch_sigma(y, 3))
-    out, out_ref = model(x), ref(x)
-    assert torch.equal(out, out_ref)
-    F.cross_entropy(out, y).backward()
-    F.cross_entropy(out_ref, y).backward()
-    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_step(model, ref, x, y, rtol=1e-4, atol=1e-6)
     model.eval()
     ref.eval()
     with torch.no_grad():
@@ -316,13 +311,7 @@ def test_lifequant_model_fused_equals_reference_path():
     model = LQ.quantize_lifequant(ResNetCifar(8, num_classes=3, in_channels=1), 4, 4, native=False)
     ref = LQ.quantize_lifequant(ResNetCifar(8, num_classes=3, in_channels=1), 4, 4, fused=False)
     ref.load_state_dict(model.state_dict())
-    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,))
-    out, out_ref = model(x), ref(x)
-    assert torch.equal(out, out_ref)
-    F.cross_entropy(out, y).backward()
-    F.cross_entropy(out_ref, y).backward()
-    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_step(model, ref, torch.randn(10, 1, 8, 8), torch.randint(0, 3, (10,)), rtol=1e-4, atol=1e-6)
 
 
 def test_lifequant_unfused_variants_unchanged():

@@ -9,6 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import random_mixture, sample_mixture
 from torch import nn
 
 from paperlib import dgms, dgms_native, presets
@@ -36,18 +37,11 @@ def reference_soft(w, mu, sigma, pi, tau, logits="responsibility"):
 
 
 def mixture(k, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rest = torch.linspace(-0.3, 0.3, k - 1) + 0.01 * torch.randn(k - 1, generator=g)
-    mu = torch.cat([torch.zeros(1), rest])
-    sigma = 0.02 + 0.03 * torch.rand(k, generator=g)
-    pi = 0.5 + torch.rand(k, generator=g)
-    return mu.to(dtype), sigma.to(dtype), pi.to(dtype)
+    return random_mixture(k, dtype, seed, sigma_floor=0.02)
 
 
 def weights(mu, sigma, pi, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    comp = torch.multinomial(pi / pi.sum(), n, replacement=True, generator=g)
-    return (mu[comp] + 1.5 * sigma[comp] * torch.randn(n, generator=g, dtype=mu.dtype)).reshape(-1, 5)
+    return sample_mixture(mu, sigma, pi, n, seed, spread=1.5).reshape(-1, 5)
 
 
 def grads(fn, w, mu, sigma, pi, tau, dtype=None):

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_same_step
 from torch import nn
 
 from paperlib import climbq as C
@@ -116,16 +116,6 @@ def test_copies_keep_the_setting_and_switching_off_is_local():
     assert one_pass_enabled(loaded)
     set_one_pass(model, True)  # idempotent: still one pre-hook
     assert sum(h is core._one_pass_pre_hook for h in model._forward_pre_hooks.values()) == 1
-
-
-def assert_same_step(a, b, x, y):
-    """Equal outputs, and gradients equal to rounding, for one cross-entropy step of two models."""
-    out_a, out_b = a(x), b(x)
-    assert torch.equal(out_a, out_b)
-    F.cross_entropy(out_a, y).backward()
-    F.cross_entropy(out_b, y).backward()
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _climbq_resnet(one_pass: bool, native):
