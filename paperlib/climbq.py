@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from .data.long_tail import check_class_counts
 from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
 from .quant import native as _native
+from .quant.core import refuse_double_backward
+from .quant.core import scalar_operand as _c
 from .quant.uniform import uniform_quantize
 
 FULL_PRECISION = 32
@@ -67,19 +69,6 @@ def _normal_cdf(x: Tensor, loc: Tensor | float, scale: Tensor) -> Tensor:
 _SQRT2 = math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
-
-
-def _c(value: float, like: Tensor) -> Tensor:
-    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype: the same operand a Python scalar becomes in
-    an op on ``like`` (tested bit for bit), without the per-call scalar-to-tensor copy."""
-    key = (value, like.dtype)
-    c = _CONSTS.get(key)
-    if c is None:
-        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype)
-    return c
-
-
 def _levels_from_erf(t: Tensor, n: int) -> Tensor:
     """In place on ``t = erf(a / sqrt 2)``: ``2 U_k(0.5 (1 + t)) - 1``, the reference's ops, bit-identical."""
     half_n, one = _c(n / 2, t), _c(1.0, t)
@@ -179,9 +168,7 @@ def quantize_weights(ws: Sequence[Tensor], bits: int, *, native: bool | None = N
 
 
 def _no_double_backward() -> None:
-    if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise RuntimeError("the fused ClimbQ quantizers are differentiable once; for a double backward "
-                           "(create_graph=True) build them with fused=False")
+    refuse_double_backward("fused ClimbQ quantizers")
 
 
 class _ClimbQActFn(torch.autograd.Function):

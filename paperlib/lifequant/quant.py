@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import native as _native
-from ..quant.core import quantize_model
+from ..quant.core import quantize_model, refuse_double_backward
+from ..quant.core import scalar_operand as _c
 from ..quant.uniform import FULL_PRECISION, check_bits
 
 WeightQuantizer = Literal["standardize", "cdf", "alignq"]
@@ -91,20 +92,9 @@ def clamp_inclusive(x: Tensor, low: float, high: float) -> Tensor:
 # Fused paths (issue 9) for the shipped quantizers, float32/float64: the forward runs the reference's float ops
 # in place on one buffer (bit-identical values), the backward is analytic and saves one tensor.
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
 # hardtanh_backward passes the gradient strictly inside (lo, hi); these bounds make that [0, 1] inclusive:
 # the largest float below 0 (the negative smallest subnormal) and the smallest float above 1.
 _INCLUSIVE_01 = {torch.float32: (-(2.0**-149), 1 + 2.0**-23), torch.float64: (-(2.0**-1074), 1 + 2.0**-52)}
-
-
-def _c(value: float, like: Tensor) -> Tensor:
-    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype (the operand a Python scalar becomes, without
-    the per-call scalar-to-tensor copy)."""
-    key = (value, like.dtype)
-    c = _CONSTS.get(key)
-    if c is None:
-        c = _CONSTS[key] = torch.tensor(value, dtype=like.dtype)
-    return c
 
 
 def _std_scale_merges(std: float) -> bool:
@@ -176,9 +166,7 @@ def _standardized_flat(ws: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list
 
 
 def _no_double_backward() -> None:
-    if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise RuntimeError("the fused LifeQuant quantizers are differentiable once; for a double backward "
-                           "(create_graph=True) build them with fused=False")
+    refuse_double_backward("fused LifeQuant quantizers")
 
 
 def _standardized_qk(z: Tensor, n: int, std: float, out: Tensor | None) -> Tensor:

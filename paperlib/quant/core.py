@@ -47,6 +47,27 @@ def ste(x: Tensor, x_q: Tensor) -> Tensor:
     return x + (x_q - x).detach()
 
 
+_SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def scalar_operand(value: float, like: Tensor) -> Tensor:
+    """``value`` as a cached 0-dim CPU tensor of ``like``'s dtype: the same operand a Python scalar becomes in an
+    op on ``like`` (bit for bit; tested), without the per-call scalar-to-tensor copy of the fused quantizers."""
+    key = (value, like.dtype)
+    c = _SCALARS.get(key)
+    if c is None:
+        c = _SCALARS[key] = torch.tensor(value, dtype=like.dtype)
+    return c
+
+
+def refuse_double_backward(what: str) -> None:
+    """Called first in a hand-written backward: under ``create_graph=True`` (grad mode on) raise a clear error
+    naming the reference path, instead of a silently wrong second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"the {what} are differentiable once; for a double backward (create_graph=True) build "
+                           "them with fused=False")
+
+
 class ActSlot(nn.Module):
     """The place where a model's activation quantizer sits; identity until ``quantize_model`` fills it.
 

@@ -34,6 +34,7 @@ from scipy.special import ndtri
 from torch import Tensor
 
 from ..native import build_library, load_lazily, status
+from .core import refuse_double_backward
 
 DTYPES = (torch.float32, torch.float64)
 _state: dict[str, Any] = {}
@@ -107,9 +108,7 @@ def _ptrs(ts: Sequence[Tensor]) -> Tensor:
 
 
 def _no_double_backward() -> None:
-    if torch.is_grad_enabled():  # backward(create_graph=True)
-        raise RuntimeError("the native quantizer kernels are differentiable once; for a double backward "
-                           "(create_graph=True) build the quantizers with fused=False")
+    refuse_double_backward("native quantizer kernels")
 
 
 def _check(err: int) -> None:
