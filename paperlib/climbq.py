@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .data.long_tail import check_class_counts
 from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
 from .quant import native as _native
-from .quant.core import refuse_double_backward
+from .quant.core import refuse_double_backward, standardize_flat
 from .quant.core import scalar_operand as _c
 from .quant.uniform import uniform_quantize
 
@@ -105,7 +105,7 @@ class _ClimbQWeightGroupFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n: int, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        a, recs, sizes = _standardized_flat(ws)
+        a, recs, sizes = standardize_flat(ws, by_reciprocal=True)
         out = _levels_from_erf(torch.div(a, _c(_SQRT2, a)).erf_(), n)
         ctx.a, ctx.recs, ctx.sizes = a, recs, sizes
         ctx.set_materialize_grads(False)
@@ -123,20 +123,6 @@ class _ClimbQWeightGroupFn(torch.autograd.Function):
             hs.sub_(hs.mean()).addcmul_(seg, dot, value=-1 / (k - 1)).mul_(rec.mul(_c(2 * _INV_SQRT_2PI, rec)))
             out.append(None if gi is None else hs.view_as(gi))
         return tuple(out)
-
-
-def _standardized_flat(ws: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[int]]:
-    """``(w - mean w) / std w`` of each tensor (as ``_ClimbQWeightFn`` computes it), concatenated flat; the
-    reciprocal stds; the sizes."""
-    sizes = [w.numel() for w in ws]
-    a = torch.cat([w.detach().reshape(-1) for w in ws])
-    recs = []
-    for w, seg in zip(ws, a.split(sizes), strict=True):
-        w = w.detach()
-        rec = w.std().reciprocal()
-        seg.sub_(w.mean()).mul_(rec)
-        recs.append(rec)
-    return a, recs, sizes
 
 
 def quantize_weights(ws: Sequence[Tensor], bits: int, *, native: bool | None = None) -> list[Tensor]:
@@ -162,7 +148,7 @@ def quantize_weights(ws: Sequence[Tensor], bits: int, *, native: bool | None = N
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return list(_ClimbQWeightGroupFn.apply(n, *ws))
     with torch.no_grad():
-        a, _, sizes = _standardized_flat(ws)
+        a, _, sizes = standardize_flat(ws, by_reciprocal=True)
         out = _levels_from_erf(a.div_(_c(_SQRT2, a)).erf_(), n)
         return [o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True)]
 

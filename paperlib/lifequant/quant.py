@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import native as _native
-from ..quant.core import quantize_model, refuse_double_backward
+from ..quant.core import quantize_model, refuse_double_backward, standardize_flat
 from ..quant.core import scalar_operand as _c
 from ..quant.uniform import FULL_PRECISION, check_bits
 
@@ -130,7 +130,7 @@ class _StandardizeQkGroupFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n: int, std: float, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        z, stds, sizes = _standardized_flat(ws)
+        z, stds, sizes = standardize_flat(ws, by_reciprocal=False)
         out = _standardized_qk(z, n, std, out=None)
         ctx.z, ctx.stds, ctx.sizes, ctx.std = z, stds, sizes, std
         ctx.set_materialize_grads(False)
@@ -149,20 +149,6 @@ class _StandardizeQkGroupFn(torch.autograd.Function):
             gw = torch.sub(g, g.mean()).addcmul_(z, dot, value=-1 / (k - 1))
             out.append(gw.mul_(torch.div(_c(ctx.std, s), s)).view_as(gi))
         return tuple(out)
-
-
-def _standardized_flat(ws: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[int]]:
-    """``(w - mean w) / std w`` of each tensor (as ``_StandardizeQkFn`` computes it) concatenated flat, the
-    stds and the sizes."""
-    sizes = [w.numel() for w in ws]
-    z = torch.cat([w.detach().reshape(-1) for w in ws])
-    stds = []
-    for w, seg in zip(ws, z.split(sizes), strict=True):
-        w = w.detach()
-        s = w.std()
-        seg.sub_(w.mean()).div_(s)
-        stds.append(s)
-    return z, stds, sizes
 
 
 def _no_double_backward() -> None:
@@ -318,7 +304,7 @@ def quantize_weights(
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return list(_StandardizeQkGroupFn.apply(n, float(std), *ws))
     with torch.no_grad():
-        z, _, sizes = _standardized_flat(ws)
+        z, _, sizes = standardize_flat(ws, by_reciprocal=False)
         out = _standardized_qk(z, n, float(std), out=z)
         return [o.view_as(w) for o, w in zip(out.split(sizes), ws, strict=True)]
 

@@ -18,7 +18,7 @@ quantizer returns for each weight (the tests compare them).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,26 @@ def refuse_double_backward(what: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"the {what} are differentiable once; for a double backward (create_graph=True) build "
                            "them with fused=False")
+
+
+def standardize_flat(ws: Sequence[Tensor], by_reciprocal: bool) -> tuple[Tensor, list[Tensor], list[int]]:
+    """``(w - mean w) / std w`` of each tensor (its own mean and unbiased std), concatenated into one flat
+    buffer, with each tensor's scale and size. ``by_reciprocal=True`` multiplies by ``1/std`` (ClimbQ's ops) and
+    returns the reciprocals; ``False`` divides by ``std`` (LifeQuant's) and returns the stds: each the per-tensor
+    quantizer's float ops, so a one-pass result equals the per-tensor one bit for bit."""
+    sizes = [w.numel() for w in ws]
+    flat = torch.cat([w.detach().reshape(-1) for w in ws])
+    scales = []
+    for w, seg in zip(ws, flat.split(sizes), strict=True):
+        w = w.detach()
+        if by_reciprocal:
+            scale = w.std().reciprocal()
+            seg.sub_(w.mean()).mul_(scale)
+        else:
+            scale = w.std()
+            seg.sub_(w.mean()).div_(scale)
+        scales.append(scale)
+    return flat, scales, sizes
 
 
 class ActSlot(nn.Module):
