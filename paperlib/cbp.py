@@ -931,8 +931,10 @@ class CBP:
         """Per-epoch log of spec §4: CFS, scale-free CFS, λ mean/max, fraction of weights within 1 % of s of a
         level and fraction outside ``[q_1, q_n]``.
 
-        ``cfs_scale_free`` = mean over weights of ``Y(w) / (2 s_l)`` (distance to the nearest level in units
-        of the layer's scale; equals ``CFS / (2 s)`` with one scale).
+        ``cfs_scale_free`` = ``CFS / (2 mean s)``, spec §4 literally, with ``mean s`` the mean of the layers'
+        scales ``s_l`` (one value per layer). ``cfs_per_layer_scaled`` = mean over weights of ``Y(w) / (2 s_l)``
+        (each weight's distance to its nearest level in units of its own layer's scale). The two are equal when
+        every layer has the same scale (e.g. one constrained layer).
         """
         self._sync_device()
         s, _, factors = self._flat_constants()
@@ -941,10 +943,13 @@ class CBP:
         y = y.double()
         lam = torch.cat([lam.detach().reshape(-1) for lam in self.lambdas]).double()
         outside = (u < factors[0]) | (u > factors[-1])
-        values = torch.stack([(y * s.double()).mean(), y.mean() / 2, lam.mean(), lam.max(),
+        cfs = (y * s.double()).mean()
+        mean_s = torch.stack([layer.weight_quantizer.scale.detach().double().to(cfs.device).reshape(())
+                              for layer in self.layers.values()]).mean()
+        values = torch.stack([cfs, cfs / (2 * mean_s), y.mean() / 2, lam.mean(), lam.max(),
                               (y <= 2 * 0.01).double().mean(), outside.double().mean()]).tolist()  # one sync
-        return dict(zip(("cfs", "cfs_scale_free", "lambda_mean", "lambda_max", "near_level_frac", "outside_frac"),
-                        values, strict=True))
+        return dict(zip(("cfs", "cfs_scale_free", "cfs_per_layer_scaled", "lambda_mean", "lambda_max",
+                         "near_level_frac", "outside_frac"), values, strict=True))
 
     @torch.no_grad()
     def normalized_weights(self) -> Tensor:

@@ -616,7 +616,11 @@ def test_metrics_match_the_per_layer_oracle():
     ys = [(constraint(w, q, math.inf), float(q[-1])) for w, q in pairs]  # q[-1] = s
     n = sum(y.numel() for y, _ in ys)
     assert m["cfs"] == pytest.approx(cfs(model), rel=1e-6)
-    assert m["cfs_scale_free"] == pytest.approx(sum(float((y / (2 * s)).sum()) for y, s in ys) / n, rel=1e-6)
+    assert m["cfs_per_layer_scaled"] == pytest.approx(sum(float((y / (2 * s)).sum()) for y, s in ys) / n, rel=1e-6)
+    mean_s = sum(s for _, s in ys) / len(ys)  # spec §4: CFS / (2 mean s), the mean over the layers' scales
+    assert m["cfs_scale_free"] == pytest.approx(cfs(model) / (2 * mean_s), rel=1e-6)
+    assert len({round(s, 6) for _, s in ys}) > 1  # the layers' scales differ, so the two metrics are told apart
+    assert m["cfs_scale_free"] != pytest.approx(m["cfs_per_layer_scaled"], rel=1e-5)
     assert m["near_level_frac"] == pytest.approx(sum(int((y <= 0.02 * s).sum()) for y, s in ys) / n)
     assert m["outside_frac"] == pytest.approx(sum(int((w.abs() > q[-1]).sum()) for w, q in pairs) / n)
     lam = torch.cat([lam.flatten() for lam in cbp.lambdas]).double()
