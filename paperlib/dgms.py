@@ -481,10 +481,13 @@ def soft_weights_grouped(ws: Sequence[Tensor], quantizers: Sequence[DGMSWeight])
 def _soft_reference(
     w: Tensor, m: Tensor, sigma_e: Tensor, pi_t: Tensor, tau: Tensor, faithful: bool
 ) -> Tensor:
-    """Literal linear-space transcription of the code's ``GMM_region_responsibility`` (plain autograd)."""
+    """Literal linear-space transcription of the code's ``GMM_region_responsibility`` (plain autograd), in the
+    code's op order (``Normal_pdf`` = ``1/sqrt(2 pi sigma^2) * exp(-(w - mu)^2 / (2 sigma^2))``, then times
+    ``pi~``), so its float32 values and gradients are the code's to the last bit where the ops round alike
+    (spec §4's float32 dL/dw[0] = 2.10044e-07 is such a rounding result; the exact value is 1.499e-09)."""
     x = w.reshape(1, -1)
-    pdf = pi_t[:, None] / torch.sqrt(2 * math.pi * sigma_e[:, None] ** 2) * torch.exp(
-        -((x - m[:, None]) ** 2) / (2 * sigma_e[:, None] ** 2))
+    pdf = torch.reciprocal(torch.sqrt(2 * math.pi * sigma_e[:, None] ** 2)) * torch.exp(
+        -((x - m[:, None]) ** 2) / (2 * sigma_e[:, None] ** 2)) * pi_t[:, None]
     resp = pdf / (pdf.sum(0) + EPS)
     a = torch.softmax((resp if faithful else torch.log(pdf)) / tau, 0)
     return (a[1:] * m[1:, None]).sum(0).view_as(w)
@@ -630,15 +633,19 @@ def hard_codes(
     sigma: Tensor,
     pi: Tensor,
     *,
-    tau: float | Tensor | None = None,
+    tau: float | Tensor | None = TAU_INIT,
     logits: Logits = "responsibility",
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
     """Component index ``k*`` of every weight (int64, shape of ``w``); 0 is the zero component (§1.5).
 
-    ``tau=None``: ``k* = argmax_k log(pi~_k N(w; mu_k, sigma_k^2))`` (= argmax r, exact). With ``tau``: the
-    code's ``argmax_k a_k`` computed in ``w``'s dtype (ties, e.g. weights whose responsibilities all vanish,
-    go to index 0). No gradient.
+    With ``tau`` (default ``TAU_INIT`` = 0.01, the code's τ): the code's ``argmax_k a_k``, ``a = softmax(r /
+    tau)`` computed in ``w``'s dtype, as the code's evaluation forward and :class:`DGMSWeight`'s eval (default
+    ``hard_argmax="softmax"``) pick it. Ties go to index 0, so a weight whose responsibilities all vanish (far
+    from every component, where ``r = pi~ N / (sum pi~ N + 1e-11)`` underflows) is pruned to 0, as in the code.
+    ``tau=None``: the exact ``k* = argmax_k log(pi~_k N(w; mu_k, sigma_k^2))`` (= argmax r in exact
+    arithmetic), which gives such a weight its most likely component instead. The two agree on every weight
+    that some component explains. No gradient.
     """
     _check_weight(w)
     _check_mixture(mu, sigma, pi)
@@ -654,7 +661,7 @@ def hard_weights(
     sigma: Tensor,
     pi: Tensor,
     *,
-    tau: float | Tensor | None = None,
+    tau: float | Tensor | None = TAU_INIT,
     logits: Logits = "responsibility",
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
@@ -752,8 +759,11 @@ class DGMSWeight(nn.Module):
     def bits(self) -> int:
         return bits_of(self.num_components)
 
-    def mixture(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Effective ``(m, sigma_e, pi~, tau_e)`` of the forward, guards applied and recorded."""
+    def mixture(self, dtype: torch.dtype | None = None, *, count: bool = False) -> tuple[Tensor, Tensor, Tensor,
+                                                                                         Tensor]:
+        """Effective ``(m, sigma_e, pi~, tau_e)`` of the forward, guards applied; ``count=True`` (the forward
+        passes) also records in ``guard_hits`` which clamps were active, so reports and exports that read the
+        mixture do not inflate the counts."""
         dtype = dtype or self.mu_rest.dtype
         sigma, tau = self.sigma, self.tau
         if self.guards:  # the values of _effective + clamps, in fewer small ops (this runs every step)
@@ -762,8 +772,9 @@ class DGMSWeight(nn.Module):
             sa = sigma.to(dtype).abs()
             pa = self.pi.to(dtype).abs()
             t = tau.to(dtype)
-            with torch.no_grad():  # counted on the device: no host sync
-                self.guard_hits += torch.stack([(sa < SIGMA_MIN).any(), t < TAU_MIN]).to(self.guard_hits.dtype)
+            if count:
+                with torch.no_grad():  # counted on the device: no host sync
+                    self.guard_hits += torch.stack([(sa < SIGMA_MIN).any(), t < TAU_MIN]).to(self.guard_hits.dtype)
             return m, sa.clamp_min(SIGMA_MIN), pa / pa.sum(), t.clamp_min(TAU_MIN)
         mu = self.mu
         _check_mixture(mu, sigma, self.pi)
@@ -780,21 +791,21 @@ class DGMSWeight(nn.Module):
             params = (x.to(device=w.device, dtype=w.dtype) for x in (self.mu_rest, self.sigma, self.pi, self.tau))
             return _DGMSNative.apply(w, *params, self.logits == "responsibility", self.guards,
                                      self.guard_hits if self.guards else None)
-        m, sigma_e, pi_t, tau = self.mixture(w.dtype)
+        m, sigma_e, pi_t, tau = self.mixture(w.dtype, count=True)
         return _soft(w, m, sigma_e, pi_t, tau, self.logits, impl, self.chunk_elements)
 
-    def codes(self, w: Tensor) -> Tensor:
-        """Hard component index of every weight (int64), by ``hard_argmax``."""
-        m, sigma_e, pi_t, tau = self.mixture(w.dtype)
+    def codes(self, w: Tensor, *, count: bool = False) -> Tensor:
+        """Hard component index of every weight (int64), by ``hard_argmax`` (``count``: see :meth:`mixture`)."""
+        m, sigma_e, pi_t, tau = self.mixture(w.dtype, count=count)
         t = tau.detach() if self.hard_argmax == "softmax" else None
         return _codes(w, m.detach(), sigma_e.detach(), pi_t.detach(), t, self.logits, self.chunk_elements)
 
-    def hard(self, w: Tensor) -> Tensor:
+    def hard(self, w: Tensor, *, count: bool = False) -> Tensor:
         """``P(w)`` of §1.5: the mean of each weight's component (0 for the zero component)."""
-        return self.mu.to(w.dtype)[self.codes(w)]
+        return self.mu.to(w.dtype)[self.codes(w, count=count)]
 
     def forward(self, w: Tensor) -> Tensor:
-        return self.soft(w) if self.training or self.eval_mode == "soft" else self.hard(w)
+        return self.soft(w) if self.training or self.eval_mode == "soft" else self.hard(w, count=True)
 
     def group_key(self, w: Tensor) -> tuple | None:
         """Soft assignments on the chunked torch path (CUDA, or ``impl="fused"``) of layers with the same K,
@@ -1053,6 +1064,7 @@ _DIGITS: dict[str, Any] = {
     "hard_argmax": "softmax", "guards": True,
     "epochs": 3, "batch_size": 256, "lr": 2e-4, "uniform_lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4,
     "schedule": "onecycle",
+    "augment": False,  # random crop + flip of the training images (FP32 pretraining and fine-tuning)
     "selection": "last", "bn_recal_batches": 0, "eval_batch_size": 512, "num_workers": 0,
     "train_csv": "", "test_csv": "", "probe_samples": 128, "hist_layers": 3, "hist_bins": 60, "curve_points": 300,
     "traj_points_per_epoch": 10, "chunk_elements": 0,  # 0: CPU_CHUNK_ELEMENTS on CPU, CHUNK_ELEMENTS on GPU
@@ -1070,7 +1082,7 @@ CIFAR10_PART: dict[str, Any] = {
     "models": ["resnet20", "vgg_small"], "fp32_weights": {}, "fp_epochs": 200, "fp_lr": 0.1, "fp_batch_size": 128,
     "num_components": [4], "init": "empirical", "epochs": 350, "batch_size": 128, "lr": 2e-5, "uniform_lr": 1e-3,
     "selection": "best_test", "bn_recal_batches": 0, "eval_batch_size": 512, "num_workers": 0, "train_csv": "",
-    "test_csv": "",
+    "test_csv": "", "augment": True,  # the code's CIFAR-10 loader: random crop (padding 4) + horizontal flip
 }
 register_presets(NOTEBOOK, {
     "smoke": {**_DIGITS, "seeds": [0], "fp_epochs": 3, "num_components": [8, 4], "epochs": 1, "batch_size": 512,
@@ -1392,7 +1404,8 @@ def soft_hard_curves(mu: Tensor, sigma: Tensor, pi: Tensor, weights: Tensor, tau
     grid = torch.linspace(lo - pad, hi + pad, points, dtype=torch.float64)
     edges = torch.linspace(lo - pad, hi + pad, bins + 1, dtype=torch.float64)
     out: dict[str, Any] = {"w": grid.tolist(), "edges": edges.tolist(), "counts": _histogram(w, edges),
-                           "mu": mu.tolist(), "P_exact": hard_weights(grid, mu, sigma, pi).tolist(), "taus": {}}
+                           "mu": mu.tolist(), "P_exact": hard_weights(grid, mu, sigma, pi, tau=None).tolist(),
+                           "taus": {}}
     for tau in taus:
         entry: dict[str, Any] = {"P": hard_weights(grid, mu, sigma, pi, tau=tau).tolist()}
         p_w = hard_weights(w, mu, sigma, pi, tau=tau)
@@ -1467,6 +1480,8 @@ def _check_cfg(cfg: dict[str, Any]) -> None:
         raise ValueError(f"selection={cfg['selection']!r}: use 'last' or 'best_test' (the code: best test top-1)")
     if not cfg["seeds"]:
         raise ValueError("seeds is empty: give at least one seed, e.g. [0, 1, 2]")
+    if not isinstance(cfg["augment"], bool):
+        raise ValueError(f"augment={cfg['augment']!r}: use True (random crop + flip of the training images) or False")
     _check_counts(cfg)
 
 
@@ -1570,7 +1585,7 @@ def fp32_model(cfg: dict[str, Any], name: str, seed: int, data: dict[str, Any], 
     if data["loader"]:
         raise DataError(f"{name}: FP32 pretraining here needs in-memory data; name a weight file in fp32_weights")
     tcfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["fp_batch_size"], seed=seed,
-                       eval_batch_size=cfg["eval_batch_size"], eval_every=cfg["fp_epochs"])
+                       eval_batch_size=cfg["eval_batch_size"], eval_every=cfg["fp_epochs"], augment=cfg["augment"])
     model, _ = pretrained_fp32(name, kwargs, data["train"], data["test"], tcfg, device, progress=progress)
     return model
 
@@ -1592,7 +1607,7 @@ def _finetune(model: nn.Module, cfg: dict[str, Any], data: dict[str, Any], seed:
     tcfg = TrainConfig(epochs=cfg["epochs"], lr=lr, momentum=cfg["momentum"],
                        weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"],
                        eval_batch_size=cfg["eval_batch_size"], seed=seed, eval_every=cfg["epochs"],
-                       scheduler="none" if onecycle else cfg["schedule"])
+                       scheduler="none" if onecycle else cfg["schedule"], augment=cfg["augment"])
     callbacks: list[Callback] = list(extra)
     if onecycle:
         callbacks.append(OneCycle(lr, cfg["epochs"] * steps))

@@ -101,6 +101,20 @@ def test_tv2_exact_w_gradient_matches_finite_differences():
     assert w.grad[0].item() == pytest.approx(1.4989e-9, rel=1e-3)  # not the spec's float32 2.10044e-07
 
 
+def test_tv2_reference_impl_reproduces_the_codes_float32_gradient():
+    """impl="reference" follows the code's op order (pdf = 1/sqrt(2 pi sigma^2) exp(.) pi~), so it gives the spec's
+    float32 dL/dw, entry 0 (2.10044e-07, a rounding result) included; every path keeps S(0) = 0 exactly, as the
+    symmetric mixture and the spec have it."""
+    w, mu, sigma, pi, tau = tv(tau=1.0)
+    s = soft_weights(w, mu, sigma, pi, tau, impl="reference")
+    tv_loss(s).backward()
+    ref_dw = [2.10044e-07, 0.0123748, 2.34088, 0.0227361, 0.106532, 2.10144, 0.0170286, 2.60203e-05]
+    torch.testing.assert_close(w.grad, torch.tensor(ref_dw), rtol=5e-6, atol=0)  # 6 printed digits
+    for impl in ("auto", "fused", "reference"):
+        s = soft_weights(*(t.detach() for t in tv(tau=1.0)), impl=impl)
+        assert s[3].item() == 0.0, impl
+
+
 # ------------------------------------------------------------------------------------ soft assignment oracles
 @pytest.mark.parametrize("logits", ["responsibility", "log_responsibility"])
 def test_fused_backward_matches_the_codes_formula_under_autograd(logits):
@@ -163,7 +177,7 @@ def test_fused_saves_no_k_by_n_tensor_for_backward():
 def test_soft_tends_to_hard_as_tau_goes_to_zero(logits):
     mu, sigma, pi = random_mixture(k=6)
     w = sample_mixture(mu, sigma, pi, 5000, seed=3)
-    p = hard_weights(w, mu, sigma, pi)
+    p = hard_weights(w, mu, sigma, pi, tau=None)
     gaps = [(soft_weights(w, mu, sigma, pi, t, logits) - p).abs().mean().item() for t in (1, 0.1, 0.01, 1e-3)]
     assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False)), gaps
     close = (soft_weights(w, mu, sigma, pi, 1e-4, logits) - p).abs() < 1e-6
@@ -202,8 +216,11 @@ def test_orphan_weights_code_argmax_prunes_exact_argmax_does_not():
     sigma = torch.full((4,), 0.01)
     pi = torch.ones(4)
     w = torch.tensor([0.0, 0.21, 0.9])  # 0.9 lies 60 sigma beyond the last component: all r ~ 0
-    assert hard_codes(w, mu, sigma, pi).tolist() == [0, 2, 3]
+    assert hard_codes(w, mu, sigma, pi, tau=None).tolist() == [0, 2, 3]  # exact
     assert hard_codes(w, mu, sigma, pi, tau=0.01).tolist() == [0, 2, 0]  # uniform a -> argmax 0 (the code)
+    assert hard_codes(w, mu, sigma, pi).tolist() == [0, 2, 0]  # the default is the code's, as DGMSWeight's eval
+    q = DGMSWeight(mu, sigma, pi).eval()
+    assert q(w).tolist() == hard_weights(w, mu, sigma, pi).tolist() == [0.0, pytest.approx(0.2), 0.0]
     s = soft_weights(w, mu, sigma, pi, 0.01)
     assert s[2].item() == pytest.approx(0.6 / 4, rel=1e-6)  # sum_k mu_k / K
 
@@ -296,6 +313,12 @@ def test_weight_quantizer_soft_in_train_hard_in_eval_and_guards_recorded():
     q.train()
     out = q(w)
     assert torch.isfinite(out).all() and q.guard_report() == {"sigma_clamped": 1, "tau_clamped": 1}
+    q.codes(w), q.mixture(), q.hard(w)
+    assert q.guard_report() == {"sigma_clamped": 1, "tau_clamped": 1}  # reports and exports are not forwards
+    q.eval()
+    q(w)
+    assert q.guard_report() == {"sigma_clamped": 2, "tau_clamped": 2}  # the hard forward is one
+    q.train()
     ref = soft_weights(w, mu, sigma.clone().index_fill_(0, torch.tensor([1]), SIGMA_MIN), pi, TAU_MIN)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     unguarded = DGMSWeight(mu, sigma, pi, guards=False)
