@@ -29,7 +29,7 @@ from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
 from .quant import native as _native
 from .quant.core import refuse_double_backward, standardize_flat
 from .quant.core import scalar_operand as _c
-from .quant.uniform import uniform_quantize
+from .quant.uniform import as_bits, uniform_quantize
 
 FULL_PRECISION = 32
 SigmaMode = Literal["batch_freq", "none", "prior"]
@@ -46,8 +46,7 @@ __all__ = [
 
 
 def _check_bits(bits: int) -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
+    bits = as_bits(bits)
     if bits == 1:
         raise ValueError("bits=1 is degenerate for ClimbQ: sign(Phi) = +1 maps every weight to +1 and every "
                          "activation to +act_range (spec climbq.md §5.5); use bits in 2..8 or 32")

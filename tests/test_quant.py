@@ -135,3 +135,22 @@ def test_resnet_cifar_shortcut_a_has_no_shortcut_params_and_runs_small_inputs():
         assert a(torch.randn(2, 3, size, size)).shape == (2, 10)
     with pytest.raises(ValueError, match="6n\\+2"):
         create_model("resnet20").__class__(depth=21)
+
+
+def test_bits_accept_any_integer_type_but_bool_or_float():
+    """numpy integers (e.g. from a pandas sweep) are bit-widths; True and 4.0 are refused with a clear error."""
+    import numpy as np
+
+    from paperlib.climbq import quantize_activation
+    from paperlib.lifequant.quant import quantize_weight as lq_weight
+    from paperlib.quant.uniform import check_bits
+
+    x = torch.randn(64)
+    assert torch.equal(quantize_activation(x, np.int64(4)), quantize_activation(x, 4))
+    assert torch.equal(lq_weight(x, np.int32(3)), lq_weight(x, 3))
+    assert type(check_bits(np.int16(8))) is int
+    for bad in (True, 4.0, "4"):
+        with pytest.raises(TypeError, match="bits must be an int"):
+            check_bits(bad)
+        with pytest.raises(TypeError, match="bits must be an int"):
+            quantize_activation(x, bad)

@@ -130,7 +130,7 @@ def qnoise_loss(
     bit-width). The original adds it divided by the batch count ``B``; :func:`importance` does that. All
     ``R`` draws run as one batched call of ``head``. ``generator`` (CPU) makes the noise reproducible.
     """
-    check_bits(bits)
+    bits = check_bits(bits)
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be a positive int (100 in the original)")
     delta = act_range / (2**bits - 1)
@@ -169,7 +169,7 @@ def importance(
     """
     loss = F.cross_entropy if loss_fn is None else loss_fn
     if qnoise_bits is not None:
-        check_bits(qnoise_bits)
+        qnoise_bits = check_bits(qnoise_bits)
         if not (hasattr(model, "forward_features") and isinstance(getattr(model, "fc", None), nn.Module)):
             raise TypeError(
                 "qnoise_bits needs a model with forward_features(x) and an fc head (e.g. ResNetCifar)"

@@ -65,7 +65,7 @@ class _QkSTE(torch.autograd.Function):
 
 def quantize_k(x: Tensor, bits: int) -> Tensor:
     """``Q_k(x)`` of spec §1.1: ``round(x (2^k - 1)) / (2^k - 1)``; ``sign`` at k = 1; identity at 32; STE."""
-    check_bits(bits)
+    bits = check_bits(bits)
     if bits == FULL_PRECISION:
         return x
     return _QkSTE.apply(x, bits)
@@ -248,7 +248,7 @@ def quantize_weight(
     boundary may land on the neighbouring level); ``False`` keeps the torch path, ``True`` insists on the kernel.
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
-    check_bits(bits)
+    bits = check_bits(bits)
     _check_tensor(w, "w", min_numel=2)
     if not isinstance(std, int | float) or isinstance(std, bool) or not std > 0:
         raise ValueError(f"std={std!r} must be a positive number (0.5 shipped, 0.125 MobileNetV2-CIFAR)")
@@ -288,7 +288,7 @@ def quantize_weights(
     autograd node for all of them (the model's one-pass hook, :func:`paperlib.quant.core.set_one_pass`). On CPU
     the native kernel takes them in one call; elsewhere the torch path rounds them on one flat buffer (the
     per-tensor values and gradients, bit for bit)."""
-    check_bits(bits)
+    bits = check_bits(bits)
     ws = list(ws)
     if bits in (1, FULL_PRECISION):
         raise ValueError(f"quantize_weights is the fused k-bit path (2 <= k <= 8), got bits={bits}")
@@ -324,7 +324,7 @@ def quantize_activation(
     mode; under ``torch.set_flush_denormal(True)`` use ``fused=False``).
     """
     _check_name(quantizer, ACT_QUANTIZERS, "quantizer")
-    check_bits(bits)
+    bits = check_bits(bits)
     _check_tensor(x, "x", min_numel=2 if quantizer == "standardize" else 1)
     if bits == FULL_PRECISION:
         return x
@@ -355,7 +355,7 @@ def cdf_space_error(
     whose gradient pulls ``u`` toward the grid. Choice: zeros at 32 bits (the original returned ``w``
     itself there).
     """
-    check_bits(bits)
+    bits = check_bits(bits)
     _check_tensor(w, "w", min_numel=2)
     if bits == FULL_PRECISION:
         return torch.zeros_like(w)
@@ -447,8 +447,8 @@ def quantize_lifequant(
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     act_q = PAIRED_ACTIVATION[quantizer] if act_quantizer is None else act_quantizer
     _check_name(act_q, ACT_QUANTIZERS, "act_quantizer")
-    check_bits(weight_bits)
-    check_bits(act_bits)
+    weight_bits = check_bits(weight_bits)
+    act_bits = check_bits(act_bits)
     if isinstance(skip, str):
         if skip != "linear":
             raise ValueError(

@@ -31,7 +31,7 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
 
 def lsq_quantize(v: Tensor, step: Tensor, bits: int, signed: bool = True) -> Tensor:
     """LSQ quantizer (Eq. 1-2) with the step-gradient scale of §2.2; straight-through in ``v`` inside range."""
-    check_bits(bits, range(2, 17))
+    bits = check_bits(bits, range(2, 17))
     if bits == FULL_PRECISION:
         return v
     qn, qp = lsq_range(bits, signed)

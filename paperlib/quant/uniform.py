@@ -9,6 +9,8 @@ observation), so a larger fixed ``c`` suits short fine-tuning from FP32. ``k = 3
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -17,10 +19,19 @@ from .core import round_ste, ste
 FULL_PRECISION = 32
 
 
-def check_bits(bits: int, allowed: range | tuple[int, ...] = range(1, 17)) -> int:
-    """Validate a bit-width: ``bits`` in ``allowed`` or 32 (full precision)."""
-    if not isinstance(bits, int) or isinstance(bits, bool):
+def as_bits(bits: int) -> int:
+    """``bits`` as a Python int: any integer (``int``, ``numpy.int64``, a 0-d integer tensor) but a bool."""
+    if isinstance(bits, bool) or (isinstance(bits, torch.Tensor) and bits.dtype == torch.bool):
         raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}")
+    try:
+        return operator.index(bits)
+    except TypeError:
+        raise TypeError(f"bits must be an int, got {type(bits).__name__} {bits!r}") from None
+
+
+def check_bits(bits: int, allowed: range | tuple[int, ...] = range(1, 17)) -> int:
+    """Validate a bit-width: ``bits`` in ``allowed`` or 32 (full precision); returns it as a Python int."""
+    bits = as_bits(bits)
     if bits != FULL_PRECISION and bits not in allowed:
         raise ValueError(f"bits={bits} is not supported: use one of {list(allowed)} or 32 (full precision)")
     return bits
