@@ -15,7 +15,7 @@
 /* One tile: L = log pi~ N, r = exp(L - M) / (sum exp(L - M) + exp(log EPS - M)) with M = max(L, log EPS),  \
    Z = r / tau (or L / tau), E = exp(Z - max Z); se = sum E, num = sum m E. */                              \
 static void tile_##SFX(int K, const T *x, const T *m, const T *iv, const T *lp, T tau_, int faithful,       \
-                       T log_eps, T *L, T *P, T *Z, T *E, T *inv, double *se, double *num) {                         \
+                       T log_eps, T *L, T *P, T *Z, T *E, T *inv, T *se, double *num) {                         \
     T M[TILE], zmax[TILE];                                                                                  \
     for (int b = 0; b < TILE; b++) M[b] = log_eps;                                                          \
     for (int k = 0; k < K; k++) {                                                                           \
@@ -83,7 +83,7 @@ int dgms_forward_##SFX(int64_t n, int K, const T *w, const T *m, const T *sig, c
         if (!scratch) { failed = 1; continue; }                                                             \
         FTZ_ON                                                                                              \
         T *L = scratch, *P = L + K * TILE, *Z = P + K * TILE, *E = Z + K * TILE;                            \
-        T x[TILE], inv[TILE]; double se[TILE], num[TILE];                                                            \
+        T x[TILE], inv[TILE], se[TILE]; double num[TILE];                                                            \
         const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;                                      \
         for (int64_t s = c * chunk; s < end; s += TILE) {                                                   \
             int nb = end - s < TILE ? (int)(end - s) : TILE;                                                \
@@ -118,7 +118,7 @@ int dgms_backward_##SFX(int64_t n, int K, const T *w, const T *g, const T *m, co
         if (!scratch) { failed = 1; continue; }                                                             \
         FTZ_ON                                                                                              \
         T *L = scratch, *P = L + K * TILE, *Z = P + K * TILE, *E = Z + K * TILE;                            \
-        T x[TILE], gg[TILE], inv[TILE], S[TILE], t[TILE], gx[TILE], gt[TILE]; double se[TILE], num[TILE];            \
+        T x[TILE], gg[TILE], inv[TILE], S[TILE], t[TILE], gx[TILE], gt[TILE], se[TILE]; double num[TILE];            \
         T *AG = E + K * TILE, *ALD = AG + K * TILE, *ALQ = ALD + K * TILE, *AL = ALQ + K * TILE;            \
         memset(AG, 0, sizeof(T) * 4 * (size_t)K * TILE);                                                    \
         double gt_acc = 0;                                                                                  \
@@ -130,7 +130,7 @@ int dgms_backward_##SFX(int64_t n, int K, const T *w, const T *g, const T *m, co
             }                                                                                               \
             tile_##SFX(K, x, m, iv, lp, tau0, faithful  , log_eps, L, P, Z, E, inv, se, num);               \
             for (int b = 0; b < TILE; b++) {                                                                \
-                S[b] = (T)(num[b] / se[b]); inv[b] = (T)(gg[b] / se[b]); t[b] = 0; gx[b] = 0; gt[b] = 0;             \
+                S[b] = (T)(num[b] / se[b]); inv[b] = gg[b] / se[b]; t[b] = 0; gx[b] = 0; gt[b] = 0;             \
             }                                                                                               \
             for (int k = 0; k < K; k++) {                                                                   \
                 const T mk = m[k]; const T *Pk = P + k * TILE, *Zk = Z + k * TILE; T *Ek = E + k * TILE;    \
