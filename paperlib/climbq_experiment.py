@@ -65,12 +65,12 @@ PAPER_NUMBERS_NOTE = ("The paper's tables could not be found (spec climbq.md §0
                       "shown or compared here.")
 
 __all__ = [
-    "CLIMBQ_CE", "CLIMBQ_HV", "FP32", "METHODS", "UNIFORM", "ClimbQModels", "HomoVarCriterion", "LongTailSplits",
-    "SelectBest", "SigmaScaling", "SymmetricUniformActivation", "climbq_models", "find_climbq_run",
+    "CLIMBQ_CE", "CLIMBQ_HV", "DATASET_DEFAULTS", "FP32", "METHODS", "UNIFORM", "ClimbQModels", "HomoVarCriterion",
+    "LongTailSplits", "SelectBest", "SigmaScaling", "SymmetricUniformActivation", "climbq_models", "find_climbq_run",
     "homovar_batch_bounds",
     "load_base_data", "load_model", "make_long_tail_splits", "quantize_for_method", "run_climbq", "run_levene",
     "runs_root_of", "summary_table", "levene_table", "check_expectations", "checks_summary", "sigma_deviation",
-    "SPEC_SANITY_RUN",
+    "SPEC_SANITY_RUN", "with_dataset_defaults",
 ]
 
 _COMMON = {"weight_decay": 1e-4, "momentum": 0.9, "sigma_mode": "batch_freq",
@@ -93,12 +93,37 @@ register_presets(NOTEBOOK, {
     # crop + flip; FP32 pretraining on the same long-tailed data with the same optimizer (its schedule is not in
     # the original: open question 6). CIFAR-10-LT gammas from the shipped CSVs; override dataset/model for
     # CIFAR-100-LT (resnet56) or SynDigits (data_dir with train/<digit>/, test/<digit>/).
-    "paper": {**_COMMON, "dataset": "cifar10", "model": "resnet20", "image_size": 32, "gammas": [10, 50, 200],
+    # image_size/augment None: the original's for the dataset (DATASET_DEFAULTS: CIFAR 32 px with crop + flip,
+    # SynDigits 28 px without augmentation), so that overriding only ``dataset`` gives the original's input.
+    "paper": {**_COMMON, "dataset": "cifar10", "model": "resnet20", "image_size": None, "gammas": [10, 50, 200],
               "bits": [4, 2], "seeds": [0, 1, 2], "batch_size": 128, "fp_epochs": 200, "fp_lr": 0.04,
               "fp_scheduler": "multistep",
               "qat_epochs": 200, "qat_lr": 0.04, "qat_scheduler": "multistep", "milestones": [80, 150],
-              "augment": True, "threads": 0},
+              "augment": None, "threads": 0},
 })
+
+#: The original's input size and training augmentation per dataset (spec §1.5 "aug" row): CIFAR RandomCrop(32,
+#: pad 4) + flip; SynDigits Resize(28, 28), no augmentation (a flipped digit is another glyph); the embedded
+#: digits at their 8x8. A config's ``image_size``/``augment`` left at None takes these (:func:`with_dataset_defaults`).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"image_size": 8, "augment": False},
+    "cifar10": {"image_size": 32, "augment": True},
+    "cifar100": {"image_size": 32, "augment": True},
+    "syndigits": {"image_size": 28, "augment": False},
+}
+
+
+def with_dataset_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` whose ``image_size``/``augment`` left at None (or absent) take the dataset's
+    :data:`DATASET_DEFAULTS`; set values are kept."""
+    name = cfg.get("dataset")
+    if name not in DATASET_DEFAULTS:
+        raise DataError(f"dataset={name!r}: use one of {', '.join(DATASET_DEFAULTS)}")
+    out = dict(cfg)
+    for key, value in DATASET_DEFAULTS[name].items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -195,20 +220,25 @@ def load_base_data(cfg: dict[str, Any], device: torch.device, data_dir: str = ""
     """``(train, test, class_order)`` of the preset's dataset; ``class_order`` replays the shipped CSV order.
 
     ``digits`` (embedded, grey 8x8), ``cifar10``/``cifar100`` (torchvision folders under ``data_dir``) and
-    ``syndigits`` (``data_dir/train/<digit>/*.jpg`` and ``data_dir/test/<digit>/*.jpg``, resized to 28x28,
-    normalised with 0.5/0.5 as the original).
+    ``syndigits`` (``data_dir/train/<digit>/*.jpg`` and ``data_dir/test/<digit>/*.jpg``, resized to
+    ``image_size``, by default 28x28, normalised with 0.5/0.5 as the original); ``image_size`` None: the
+    dataset's :data:`DATASET_DEFAULTS`.
     """
     from .data.load import load_dataset
 
+    cfg = with_dataset_defaults(cfg)
     name = cfg["dataset"]
     if name == "syndigits":
         if not data_dir or not (Path(data_dir) / "train").is_dir():
             raise DataError(f"dataset 'syndigits' needs data_dir: the folder that holds train/<digit>/ and "
                             f"test/<digit>/ image folders of the Kaggle Synthetic Digits set (got "
                             f"data_dir={data_dir!r}); it is never downloaded by this project")
-        size = cfg["image_size"] or 28
+        size = cfg["image_size"]
         train = _load_image_folder(Path(data_dir), "train", size, device, (0.5,) * 3, (0.5,) * 3)
         test = _load_image_folder(Path(data_dir), "test", size, device, (0.5,) * 3, (0.5,) * 3)
+        if test.classes != train.classes:  # labels are indices into the sorted folder names of each split
+            raise DataError(f"syndigits: the class folders of {data_dir}/test ({test.classes}) differ from those "
+                            f"of {data_dir}/train ({train.classes}); both splits need the same <digit>/ folders")
         order = [train.classes.index(c) for c in SYNDIGITS_LT_ORDER] if set(train.classes) == set(
             SYNDIGITS_LT_ORDER) else None
         return train, test, order
@@ -568,6 +598,7 @@ def run_climbq(cfg: dict[str, Any], device: str = "auto", data_dir: str = "", *,
     initialisation (the FP32 row is that untrained network); ``qat_epochs = 0`` evaluates each quantized model
     without fine-tuning (:func:`post_training_eval`); both 0 is refused.
     """
+    cfg = with_dataset_defaults(cfg)
     check_config(cfg)
     dev = resolve_device(device)
     unknown = [m for m in methods if m not in METHODS]

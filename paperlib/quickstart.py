@@ -7,6 +7,7 @@ notebook shows as a table and the figure functions draw.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -60,18 +61,21 @@ def check_epochs(cfg: dict[str, Any]) -> None:
 
 
 def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = "",
-                   progress: bool | None = None) -> dict[str, Any]:
+                   progress: bool | None = None, *, runs_root: str | Path | None = None) -> dict[str, Any]:
     """Train FP32 then fine-tune uniform W{b}A{b} from it for each seed; return the metrics dict.
 
     ``fp_epochs = 0`` starts QAT from the random initialisation, ``qat_epochs = 0`` evaluates the quantized
-    FP32 network without fine-tuning (see :func:`check_epochs`)."""
+    FP32 network without fine-tuning (see :func:`check_epochs`). ``runs_root`` locates the FP32 cache
+    (``<runs_root>/_cache``, as the other drivers; None: the project's ``runs/_cache``); the notebook passes
+    ``paperlib.climbq_experiment.runs_root_of(output_dir)``, the runs root the harness writes to."""
     check_epochs(cfg)
+    cache_dir = Path(runs_root) / "_cache" if runs_root else None
     with cpu_threads(cfg["threads"]):
-        return _run_quickstart(cfg, device, data_dir, progress)
+        return _run_quickstart(cfg, device, data_dir, progress, cache_dir)
 
 
 def _fp32_start(cfg: dict[str, Any], kwargs: dict[str, Any], train: Any, test: Any, seed: int, dev: Any,
-                progress: bool | None) -> tuple[nn.Module, dict[str, Any]]:
+                progress: bool | None, cache_dir: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The FP32 network of ``seed``: trained (cached) for ``fp_epochs``, or its seeded initialisation at 0."""
     if cfg["fp_epochs"] == 0:
         torch.manual_seed(seed)  # the same initial weights pretrained_fp32 starts from
@@ -79,10 +83,12 @@ def _fp32_start(cfg: dict[str, Any], kwargs: dict[str, Any], train: Any, test: A
         return model, evaluate(model, test, device=dev)
     fp_cfg = TrainConfig(epochs=cfg["fp_epochs"], lr=cfg["fp_lr"], batch_size=cfg["batch_size"], seed=seed,
                          augment=cfg["augment"])
-    return pretrained_fp32("resnet20", kwargs, train, test, fp_cfg, device=dev, progress=progress)
+    return pretrained_fp32("resnet20", kwargs, train, test, fp_cfg, device=dev, cache_dir=cache_dir,
+                           progress=progress)
 
 
-def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None) -> dict[str, Any]:
+def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: bool | None,
+                    cache_dir: Path | None = None) -> dict[str, Any]:
     dev = resolve_device(device)
     train, test = load_dataset(cfg["dataset"], data_dir or None, size=cfg["image_size"],
                                channels=3 if cfg["dataset"] != "digits" else 1, device=dev)
@@ -91,7 +97,7 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
     for seed in cfg["seeds"]:
         kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1], "shortcut": "B",
                   "act_position": "post_relu"}
-        model, report = _fp32_start(cfg, kwargs, train, test, seed, dev, progress)
+        model, report = _fp32_start(cfg, kwargs, train, test, seed, dev, progress, cache_dir)
         rows.append({"seed": seed, "method": "FP32", "bits": 32, "top1": report["top1"],
                      "balanced_accuracy": report["balanced_accuracy"]})
         for bits in cfg["bits"]:

@@ -879,13 +879,32 @@ def method_specs(cfg: Mapping[str, Any], exp: Mapping[str, Any]) -> list[tuple[L
     return out
 
 
+def check_init_weights(model_name: str, model_kwargs: Mapping[str, Any], path: str | Path) -> list[str]:
+    """Check that the start weights at ``path`` (e.g. ``resnet50-imagenet.pth``) fit ``model_name``: every tensor
+    except the classifier ``fc`` (sized for the task's classes) and BN ``num_batches_tracked`` (absent from
+    torchvision's older files) must load by name and shape, as :func:`task0_start` loads them. Returns the
+    model keys not loaded; a file that does not fit raises ``ValueError`` naming what is missing."""
+    model = create_model(model_name, **dict(model_kwargs))
+    missing = load_weights(model, path, strict=False)
+    bad = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    if bad:
+        total = len(model.state_dict())
+        raise ValueError(
+            f"{path} does not fit {model_name}: {len(bad)} of its {total} tensors are not in the file by name and "
+            f"shape (e.g. {bad[:3]}); save the ImageNet weights of that architecture, e.g. "
+            f"torch.save(torchvision.models.{model_name}(weights='IMAGENET1K_V1').state_dict(), path)")
+    return missing
+
+
 def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = "", *,
                   checkpoint_dir: str | Path | None = None, resume: bool = False, cache_dir: str | Path | None = None,
                   progress: bool | None = None) -> dict[str, Any]:
     """Every experiment x seed x method of ``cfg`` (a resolved ``lifequant`` preset); a JSON-native metrics dict.
 
     Experiments marked ``optional`` (Office-31, ImageCLEF) run only when their folder exists under
-    ``data_dir``; the others fail with :class:`MissingData` naming the missing folder. ``checkpoint_dir``
+    ``data_dir``; the others fail with :class:`MissingData` naming the missing folder. Every experiment's data
+    and start weights (:func:`check_init_weights`) are loaded and checked before the first one trains, so a
+    missing or malformed folder or weights file fails at once, not hours later. ``checkpoint_dir``
     (default: a temporary dir, removed afterwards) holds every stage's checkpoints; ``resume=True`` with the
     same dir continues a crashed run. ``cache_dir``: the FP32 cache (default ``runs/_cache``).
     """
@@ -914,23 +933,29 @@ def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = 
     skipped: list[str] = []
     fingerprints: dict[str, str] = {}
     try:
+        # every experiment's data and start weights first: a missing or malformed folder or weights file must
+        # fail now, not after the experiments before it have trained (hours on a GPU)
+        planned = []
         for exp in cfg["experiments"]:
             if exp.get("optional") and not _experiment_present(exp, data_dir):
                 skipped.append(exp["name"])
                 continue
             train, test, split = _load_experiment_data(exp, data_dir, dev, data_cache)
-            fingerprints[exp["name"]] = train.fingerprint()
-            schedule = make_schedule({**base_schedule, **exp.get("schedule", {})})
-            if epochs_override is not None:
-                schedule = replace(schedule, task_epochs=epochs_override)
             model_kwargs = {"num_classes": train.num_classes, "in_channels": train.x.shape[1],
                             **exp.get("model_kwargs", {})}
             init = exp.get("init_weights")
             if init:
-                init = Path(data_dir) / init
+                init = Path(data_dir).expanduser() / init
                 if not init.is_file():
                     raise MissingData(f"{exp['name']} starts from ImageNet weights: put a torchvision state dict at "
                                       f"{init} (see paperlib.models.load_weights)")
+                check_init_weights(exp["model"], model_kwargs, init)
+            planned.append((exp, train, test, split, model_kwargs, init))
+        for exp, train, test, split, model_kwargs, init in planned:
+            fingerprints[exp["name"]] = train.fingerprint()
+            schedule = make_schedule({**base_schedule, **exp.get("schedule", {})})
+            if epochs_override is not None:
+                schedule = replace(schedule, task_epochs=epochs_override)
             specs = method_specs(cfg, exp)
             experiments.append({**_describe_split(exp, split, schedule, train),
                                 "methods": [m.name for m, _ in specs]})
