@@ -6,13 +6,56 @@ import argparse
 import sys
 
 
+def cli_parameters(names: list[str], data_dirs: list[str] | None = None,
+                   settings: list[str] | None = None) -> dict[str, dict[str, object]]:
+    """Per-notebook parameters from ``--data-dir [NOTEBOOK=]DIR`` and ``--set [NOTEBOOK:]NAME=VALUE`` options.
+
+    Without a ``NOTEBOOK`` prefix an option applies to every notebook in ``names``; a ``VALUE`` is parsed as
+    JSON when it parses (``3``, ``[0, 1]``, ``true``), else kept as a string. Raises ``ParameterError`` naming
+    the bad option."""
+    import json
+
+    from .reproduce import ParameterError
+
+    out: dict[str, dict[str, object]] = {n: {} for n in names}
+
+    def targets(prefix: str | None, option: str) -> list[str]:
+        if prefix is None:
+            return list(names)
+        if prefix not in out:
+            raise ParameterError(f"{option}: notebook {prefix!r} is not among the notebooks run ({', '.join(names)})")
+        return [prefix]
+
+    for item in data_dirs or []:
+        prefix, _, rest = item.partition("=")
+        nb, path = (prefix, rest) if rest and prefix in out else (None, item)
+        if not path:
+            raise ParameterError(f"--data-dir {item!r}: give a folder, e.g. --data-dir /data/cifar or "
+                                 "--data-dir cbp=/data/imagenet")
+        for n in targets(nb, f"--data-dir {item!r}"):
+            out[n]["data_dir"] = path
+    for item in settings or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ParameterError(f"--set {item!r}: write NAME=VALUE or NOTEBOOK:NAME=VALUE, e.g. --set seeds=[0,1]")
+        nb, _, name = key.rpartition(":")
+        try:
+            value: object = json.loads(raw)
+        except ValueError:
+            value = raw
+        for n in targets(nb or None, f"--set {item!r}"):
+            out[n][name] = value
+    return out
+
+
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import ParameterError, reproduce, summary_frame
+    from .reproduce import ParameterError, list_notebooks, reproduce, summary_frame
 
     only = [n for part in (args.only or []) for n in part.split(",") if n]
     try:
+        extra = cli_parameters(only or list(list_notebooks()), args.data_dir, args.set)
         results = reproduce(args.preset, only=only or None, device=args.device,
-                            execution_timeout=args.timeout)
+                            execution_timeout=args.timeout, extra_parameters=extra)
     except ParameterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="notebook names (comma-separated or repeated)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--timeout", type=int, default=None, help="per-cell execution timeout in seconds")
+    p.add_argument("--data-dir", action="append", metavar="[NOTEBOOK=]DIR",
+                   help="the notebooks' data_dir (the paper presets' datasets); repeat with NOTEBOOK= per notebook")
+    p.add_argument("--set", action="append", metavar="[NOTEBOOK:]NAME=VALUE",
+                   help="any other notebook parameter, VALUE as JSON when it parses (e.g. --set seeds=[0,1])")
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("figures", help="redraw every figure in figures/ from runs/ without training")
     p.set_defaults(func=_figures)

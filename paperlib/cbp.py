@@ -1486,15 +1486,12 @@ def run_cbp_experiment(cfg: Mapping[str, Any], device: str = "auto", data_dir: s
 
     check_cbp_config(cfg)
     dev = resolve_device(device)
-    if checkpoint_dir is None and cfg["checkpoint"]:
-        from . import paths
-
-        key = hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-        checkpoint_dir = str(paths.runs_dir() / "_cache" / f"cbp-{key}")
     with cpu_threads(cfg["threads"] if dev.type == "cpu" else 0):
         train, test = _load_data(cfg, data_dir, dev)
         fingerprint = (train.fingerprint() if hasattr(train, "fingerprint")
                        else _file_fingerprint(Path(data_dir) / "train.csv", Path(data_dir) / "val.csv"))
+        if checkpoint_dir is None and cfg["checkpoint"]:
+            checkpoint_dir = _cache_dir(cfg, fingerprint, data_dir)
         fp: dict[str, Any] = {}
         projected: dict[str, dict[str, Any]] = {}
         fp_models: dict[str, nn.Module] = {}
@@ -1515,6 +1512,20 @@ def run_cbp_experiment(cfg: Mapping[str, Any], device: str = "auto", data_dir: s
                                test, m, v, s, cfg, arch=a, device=dev, checkpoint=ckpt((a, m, v, s)),
                                resume=checkpoint_dir is not None, progress=progress) for a, m, v, s in specs]
     return _assemble(cfg, dev, fingerprint, fp, projected, runs)
+
+
+def _cache_dir(cfg: Mapping[str, Any], fingerprint: str, data_dir: str) -> str:
+    """``runs/_cache/cbp-<key>``: the key hashes the settings, the data fingerprint and the start weights' files
+    (another dataset or other pretrained weights with the same settings must not resume these checkpoints)."""
+    from . import paths
+
+    weights = {}
+    for arch in cfg["archs"] if cfg["dataset"] == "imagenet" else ():  # other datasets train their FP nets
+        path = Path(data_dir).expanduser() / PAPER_WEIGHTS[arch] if data_dir and arch in PAPER_WEIGHTS else None
+        if path is not None and path.is_file():
+            weights[arch] = _file_fingerprint(path)
+    blob = json.dumps({"cfg": dict(cfg), "data": fingerprint, "weights": weights}, sort_keys=True, default=str)
+    return str(paths.runs_dir() / "_cache" / f"cbp-{hashlib.sha256(blob.encode()).hexdigest()[:16]}")
 
 
 def _file_fingerprint(*files: Path) -> str:

@@ -47,7 +47,7 @@ from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
 from .quant.core import first_last_layers
 from .quant.uniform import uniform_quantize
-from .runs import completed_runs, read_json, write_json
+from .runs import completed_runs, read_json, runs_root_of, write_json
 from .stats import format_mean_ci, summarize
 from .train import Callback, TrainConfig, evaluate, fit, resolve_device
 
@@ -528,11 +528,6 @@ def post_training_eval(q: nn.Module, method: str, splits: LongTailSplits, cfg: d
 
 
 # --------------------------------------------------------------------------------------------- the driver
-
-
-def runs_root_of(output_dir: str | Path | None) -> Path | None:
-    """The runs root the harness writes to: ``<runs_root>/<notebook>/<run-id>`` -> ``<runs_root>``."""
-    return Path(output_dir).resolve().parent.parent if output_dir else None
 
 
 def _model_file(method: str, gamma: float, seed: int, bits: int) -> str:

@@ -67,7 +67,7 @@ def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = ""
     ``fp_epochs = 0`` starts QAT from the random initialisation, ``qat_epochs = 0`` evaluates the quantized
     FP32 network without fine-tuning (see :func:`check_epochs`). ``runs_root`` locates the FP32 cache
     (``<runs_root>/_cache``, as the other drivers; None: the project's ``runs/_cache``); the notebook passes
-    ``paperlib.climbq_experiment.runs_root_of(output_dir)``, the runs root the harness writes to."""
+    ``paperlib.runs.runs_root_of(output_dir)``, the runs root the harness writes to."""
     check_epochs(cfg)
     cache_dir = Path(runs_root) / "_cache" if runs_root else None
     with cpu_threads(cfg["threads"]):

@@ -153,12 +153,19 @@ def reproduce(preset: str = "default", only: Sequence[str] | None = None, device
     unknown = [n for n in names if n not in notebooks]
     if unknown:
         raise ParameterError(f"unknown notebook(s) {unknown}; available: {', '.join(notebooks)}")
-    results = []
-    for name in names:
+    stray = sorted(set(extra_parameters or {}) - set(names))
+    if stray:
+        raise ParameterError(f"extra_parameters for notebook(s) {stray} that are not run; run: {', '.join(names)}")
+    runs = []
+    for name in names:  # every notebook's parameters are checked before the first one runs
         params: dict[str, Any] = {"preset": preset}
         if device:
             params["device"] = device
         params.update((extra_parameters or {}).get(name, {}))
+        check_parameters(notebooks[name], params)
+        runs.append((name, params))
+    results = []
+    for name, params in runs:
         print(f"[reproduce] {name} (preset={preset}) ...", flush=True)
         res = run_notebook(name, params, notebooks_dir=notebooks_dir, runs_root=runs_root,
                            figures_root=figures_root, execution_timeout=execution_timeout)

@@ -200,6 +200,11 @@ class RunRecord:
         return self.final_path
 
 
+def runs_root_of(output_dir: str | Path | None) -> Path | None:
+    """The runs root the harness writes to: ``<runs_root>/<notebook>/<run-id>`` -> ``<runs_root>``."""
+    return Path(output_dir).resolve().parent.parent if output_dir else None
+
+
 def completed_runs(notebook: str, runs_root: Path | None = None) -> list[Path]:
     """Successful runs of ``notebook``, oldest first (hidden temp dirs and failed runs excluded)."""
     root = (runs_root or paths.runs_dir()) / notebook

@@ -827,3 +827,26 @@ def test_constraint_curves_are_figure_1():
     assert cs[np.argmin(np.abs(w - 0.5))] == 0.0 and cs[np.argmin(np.abs(w - 1.0))] == pytest.approx(0, abs=0.01)
     np.testing.assert_allclose(d["ter"]["g"]["10"]["windows"], [[-0.55, -0.45], [0.45, 0.55]])
     assert OVERSHOOT_TOL == 0.1
+
+
+def test_checkpoint_cache_key_covers_settings_data_and_start_weights(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from paperlib.cbp import PAPER_WEIGHTS, _cache_dir
+
+    monkeypatch.setenv("PAPERLIB_ROOT", str(tmp_path / "root"))
+    cfg = resolve("cbp", "paper")
+    cfg.update(archs=["resnet18"])
+    (tmp_path / "weights").mkdir()
+    weights = tmp_path / "weights" / Path(PAPER_WEIGHTS["resnet18"]).name
+    weights.write_bytes(b"first")
+    base = _cache_dir(cfg, "fp-a", str(tmp_path))
+    assert Path(base).parent == tmp_path / "root" / "runs" / "_cache" and Path(base).name.startswith("cbp-")
+    assert _cache_dir(cfg, "fp-a", str(tmp_path)) == base
+    assert _cache_dir(cfg, "fp-b", str(tmp_path)) != base
+    assert _cache_dir({**cfg, "seeds": [9]}, "fp-a", str(tmp_path)) != base
+    weights.write_bytes(b"second")
+    assert _cache_dir(cfg, "fp-a", str(tmp_path)) != base
+    # CIFAR trains its FP nets: a weights file under data_dir plays no part there
+    small = {**cfg, "dataset": "cifar10"}
+    assert _cache_dir(small, "fp-a", str(tmp_path)) == _cache_dir(small, "fp-a", str(tmp_path / "elsewhere"))

@@ -456,9 +456,6 @@ def test_cbp_notebook_paper_preset(run_dirs, tmp_path, monkeypatch):
     assert {p.name for p in figs.iterdir()} == {f"{f}.{e}" for f in CBP_FIGURES for e in ("png", "pdf")}
 
 
-@pytest.mark.xfail(strict=True, reason="paperlib/cbp.py keys runs/_cache/cbp-<key> by the settings only, not by the "
-                                       "data or weights: a second ImageNet folder reuses the first one's finished "
-                                       "checkpoints (fix described in the s4 report; then drop this mark)")
 def test_cbp_paper_checkpoints_are_not_reused_for_other_data(tmp_path, monkeypatch):
     """E.g. a trial run on an ImageNet subset, then the full set with the same settings: the second run must
     train, not report the subset's networks under the full set's data fingerprint."""

@@ -78,3 +78,38 @@ def test_success_failure_and_timeout_runs(tmp_path, run_dirs):
     assert not list(runs.glob("*/.tmp-*"))  # nothing half-written is left behind
     table = summary_frame(results)
     assert list(table["status"]) == ["failed", "ok", "failed"]
+
+
+def test_cli_parameters_data_dir_and_set():
+    from paperlib.__main__ import cli_parameters
+
+    names = ["climbq", "cbp", "lifequant"]
+    got = cli_parameters(names, ["/data/cifar", "cbp=/data/imagenet"],
+                         ["seeds=[0, 1]", "cbp:archs=[\"resnet18\"]", "climbq:dataset=cifar10", "lifequant:lam=3"])
+    assert got == {"climbq": {"data_dir": "/data/cifar", "seeds": [0, 1], "dataset": "cifar10"},
+                   "cbp": {"data_dir": "/data/imagenet", "seeds": [0, 1], "archs": ["resnet18"]},
+                   "lifequant": {"data_dir": "/data/cifar", "seeds": [0, 1], "lam": 3}}
+    # a folder whose name has "=" in it but no notebook prefix is one folder for all
+    assert cli_parameters(["cbp"], ["/d/a=b"], None) == {"cbp": {"data_dir": "/d/a=b"}}
+    with pytest.raises(ParameterError, match="notebook 'dgms' is not among the notebooks run"):
+        cli_parameters(names, None, ["dgms:seeds=[0]"])
+    with pytest.raises(ParameterError, match="write NAME=VALUE"):
+        cli_parameters(names, None, ["seeds"])
+
+
+def test_reproduce_checks_every_notebook_before_running_any(tmp_path, run_dirs, capsys):
+    """A typo in the last notebook's parameters must not cost the first notebook's run."""
+    from paperlib.__main__ import main
+
+    runs, figs = run_dirs
+    nb_dir = tmp_path / "nb"
+    _notebook(nb_dir / "a.ipynb", "raise SystemExit('must not run')")
+    _notebook(nb_dir / "b.ipynb", "pass")
+    with pytest.raises(ParameterError, match=r"b: unknown parameter\(s\) \['valu'\]"):
+        reproduce("smoke", notebooks_dir=nb_dir, runs_root=runs, extra_parameters={"b": {"valu": 1}})
+    with pytest.raises(ParameterError, match="not run"):
+        reproduce("smoke", only=["a"], notebooks_dir=nb_dir, runs_root=runs, extra_parameters={"b": {"value": 1}})
+    assert not runs.exists() or not any(runs.iterdir())
+    # the CLI: an unknown parameter is exit status 2 with the message, before any notebook runs
+    assert main(["reproduce", "--preset", "smoke", "--only", "levene", "--set", "levene:no_such_knob=1"]) == 2
+    assert "levene: unknown parameter(s) ['no_such_knob']" in capsys.readouterr().err
