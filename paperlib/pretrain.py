@@ -25,8 +25,17 @@ from .train import TrainConfig, evaluate, fit, resolve_device, save_checkpoint
 CACHE_VERSION = 2  # bump when the way a cached network is trained changes
 
 
+#: TrainConfig fields added after the cache's first version, keyed only when they differ from these defaults
+#: (so a new option leaves the existing caches valid), and execution options that train the same net (never keyed)
+LATE_FIELDS: dict[str, Any] = {"crop": None}
+UNKEYED_FIELDS = ("compile",)
+
+
 def cache_key(model_name: str, model_kwargs: dict[str, Any], cfg: TrainConfig, train: InMemoryData) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, "model": model_name, "kwargs": model_kwargs, "cfg": asdict(cfg),
+    """Hash of the model, its kwargs, the training settings, the data fingerprint and the torch version."""
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in UNKEYED_FIELDS and not (k in LATE_FIELDS and v == LATE_FIELDS[k])}
+    blob = json.dumps({"version": CACHE_VERSION, "model": model_name, "kwargs": model_kwargs, "cfg": settings,
                        "data": train.fingerprint(), "torch": torch.__version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -46,4 +55,4 @@ def pretrained_fp32(model_name: str, model_kwargs: dict[str, Any], train: InMemo
         fit(model, train, test, cfg, device=dev, progress=progress)
         if use_cache:
             save_checkpoint(path, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return model, evaluate(model, test, device=dev)
+    return model, evaluate(model, test, device=dev, crop=cfg.crop)

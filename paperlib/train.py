@@ -78,6 +78,10 @@ class TrainConfig:
     eval_every: int = 1
     amp: str = "none"  # "none" | "bf16": autocast the training forward (GPU path; also works on CPU)
     channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on GPUs)
+    #: network input side for images stored larger (e.g. decoded at 256, crop 224: LifeQuant Office/ImageCLEF):
+    #: training takes a random ``crop x crop`` window + flip (``augment``; no padding) or the central one (no
+    #: ``augment``), evaluation the central one (``CenterCrop``); None: the stored size (pad-4 crop if ``augment``)
+    crop: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -90,6 +94,9 @@ class TrainConfig:
             raise ValueError(f"scheduler={self.scheduler!r}: use 'cosine', 'multistep' or 'none'")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp={self.amp!r}: use 'none' or 'bf16'")
+        if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
+            raise ValueError(f"crop={self.crop!r}: give the network's input side (an int >= 1, e.g. 224 for images "
+                             "stored at 256) or None (the stored size)")
 
 
 class Callback:
@@ -141,14 +148,19 @@ class TrainResult:
 
 @torch.no_grad()
 def predict(model: nn.Module, data: InMemoryData | Iterable, batch_size: int = 512,
-            device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Logits and labels of ``model`` over ``data`` in eval mode (restores the previous mode)."""
+            device: torch.device | None = None, *, crop: int | None = None) -> tuple[Tensor, Tensor]:
+    """Logits and labels of ``model`` over ``data`` in eval mode (restores the previous mode). ``crop``: feed the
+    central ``crop x crop`` window of larger images (``CenterCrop``; images already that size pass as they are)."""
+    from .data.augment import center_crop
+
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     batches = TensorLoader(data.to(device), batch_size) if isinstance(data, InMemoryData) else data
     logits, labels = [], []
     for x, y in batches:
+        if crop is not None:
+            x = center_crop(x, crop)
         logits.append(model(x.to(device, non_blocking=True)))
         labels.append(y.to(device, non_blocking=True))
     model.train(was_training)
@@ -156,9 +168,10 @@ def predict(model: nn.Module, data: InMemoryData | Iterable, batch_size: int = 5
 
 
 def evaluate(model: nn.Module, data: InMemoryData | Iterable, num_classes: int | None = None,
-             batch_size: int = 512, device: torch.device | None = None) -> dict[str, Any]:
-    """:func:`paperlib.metrics.classification_report` of ``model`` on ``data`` plus the mean CE loss."""
-    logits, labels = predict(model, data, batch_size, device)
+             batch_size: int = 512, device: torch.device | None = None, *, crop: int | None = None) -> dict[str, Any]:
+    """:func:`paperlib.metrics.classification_report` of ``model`` on ``data`` plus the mean CE loss (``crop``:
+    as in :func:`predict`)."""
+    logits, labels = predict(model, data, batch_size, device, crop=crop)
     return _report(logits, labels, num_classes or (data.num_classes if isinstance(data, InMemoryData)
                                                     else logits.shape[1]))
 
@@ -170,7 +183,7 @@ def _report(logits: Tensor, labels: Tensor, k: int) -> dict[str, Any]:
 
 
 def _evaluate_sharded(model: nn.Module, data: InMemoryData | Iterable, batch_size: int,
-                      device: torch.device) -> dict[str, Any]:
+                      device: torch.device, crop: int | None = None) -> dict[str, Any]:
     """:func:`evaluate` under DDP: every rank predicts its contiguous shard of an :class:`InMemoryData`, the
     logits and labels are all-gathered in rank order, and every rank computes the same report (an iterable,
     or a test set smaller than the number of ranks, is evaluated whole on every rank)."""
@@ -179,9 +192,9 @@ def _evaluate_sharded(model: nn.Module, data: InMemoryData | Iterable, batch_siz
 
     w = pdist.world_size()
     if not isinstance(data, InMemoryData) or len(data) < w:
-        return evaluate(model, data, batch_size=batch_size, device=device)
+        return evaluate(model, data, batch_size=batch_size, device=device, crop=crop)
     start, stop = shard_bounds(len(data), w, pdist.rank())
-    logits, labels = predict(model, data.subset(slice(start, stop)), batch_size, device)
+    logits, labels = predict(model, data.subset(slice(start, stop)), batch_size, device, crop=crop)
     logits, _ = pdist.all_gather_cat(logits)
     labels, _ = pdist.all_gather_cat(labels)
     return _report(logits, labels, data.num_classes)
@@ -324,8 +337,10 @@ def fit(
     """Train ``model`` and evaluate it on ``test`` after every ``eval_every`` epochs.
 
     ``train`` is an :class:`InMemoryData` (moved to the device, shuffled by a seeded generator, augmented
-    with random crop + flip when ``config.augment``) or any iterable of batches. With ``checkpoint`` the
-    state is saved after every epoch; ``resume=True`` continues from it. A NaN/inf loss raises
+    with random crop + flip when ``config.augment``) or any iterable of batches. ``config.crop``: images stored
+    larger than the network's input (an :class:`InMemoryData` ``train``) are cropped to ``crop x crop`` for
+    training (:func:`paperlib.data.augment.train_augment`) and center-cropped for every evaluation. With
+    ``checkpoint`` the state is saved after every epoch; ``resume=True`` continues from it. A NaN/inf loss raises
     :class:`TrainingDiverged` naming the epoch and batch, before the epoch is checkpointed.
 
     ``distributed``: ``None`` (default) trains with ``DistributedDataParallel`` exactly when a process group
@@ -376,7 +391,7 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
          config: TrainConfig | None, *, criterion: Criterion, callbacks: Sequence[Callback],
          optimizer: torch.optim.Optimizer | None, device: str | torch.device | None, checkpoint: str | Path | None,
          resume: bool, progress: bool | None, ddp: bool, find_unused_parameters: bool) -> TrainResult:
-    from .data.augment import RandomCropFlip
+    from .data.augment import train_augment
 
     cfg = config or TrainConfig()
     dev = resolve_device(device)
@@ -394,8 +409,12 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
         if len(train) == 0:
             raise ValueError("the training set is empty: check the data split or subset")
         loader: Any = TensorLoader(train.to(dev), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                   augment=RandomCropFlip(fill=train.normalized_value(0.0)) if cfg.augment else None,
+                                   augment=train_augment(cfg.augment, cfg.crop, fill=train.normalized_value(0.0)),
                                    shard=(rank, world) if ddp else None)
+    elif cfg.crop is not None:
+        raise ValueError(f"TrainConfig(crop={cfg.crop}) crops an InMemoryData training set; a loader of batches "
+                         f"({type(train).__name__}) must crop in its own transforms (e.g. torchvision RandomCrop), "
+                         "so leave crop=None for it")
     else:
         loader = train
     test_data = test.to(dev) if isinstance(test, InMemoryData) else test
@@ -484,8 +503,8 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
         for cb in callbacks:
             cb.on_epoch_end(epoch, stats)
         if test_data is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            rep = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev) if ddp else
-                   evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev))
+            rep = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev, cfg.crop) if ddp else
+                   evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev, crop=cfg.crop))
             stats.update(test_top1=rep["top1"], test_balanced_accuracy=rep["balanced_accuracy"],
                          test_loss=rep["loss"])
             if not math.isfinite(rep["loss"]):
@@ -505,7 +524,7 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
                     state["rng_ranks"] = rng_ranks
                 save_checkpoint(checkpoint, state)
     if test_data is not None:
-        result.final = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev) if ddp else
-                        evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev))
+        result.final = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev, cfg.crop) if ddp else
+                        evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev, crop=cfg.crop))
     del step_module  # releases DDP's gradient hooks on the model's parameters
     return result

@@ -344,6 +344,25 @@ def test_load_fake_cifar_round_trips(tmp_path, no_md5, name):
         assert data.class_counts()[:3] == np.bincount(labels, minlength=3).tolist()
 
 
+def test_load_dataset_passes_normalisation_constants_to_cifar(tmp_path, no_md5):
+    """``load_dataset(..., mean=, std=)``: CIFAR with other constants (LifeQuant normalises CIFAR-100 with
+    CIFAR-10's); without them the dataset's own, as before; digits keep their train statistics."""
+    from paperlib.data.load import load_dataset
+
+    make_fake_cifar(tmp_path, "cifar100")
+    m, s = CIFAR_STATS["cifar10"]
+    train, test = load_dataset("cifar100", tmp_path, mean=m, std=s)
+    for split, data in (("train", train), ("test", test)):
+        assert torch.equal(data.x, load_cifar(tmp_path, "cifar100", train=split == "train", mean=m, std=s).x)
+        assert (data.mean, data.std) == (m, s)
+    own, _ = load_dataset("cifar100", tmp_path)
+    assert torch.equal(own.x, load_cifar(tmp_path, "cifar100").x) and own.mean == CIFAR_STATS["cifar100"][0]
+    with pytest.raises(DataError, match="both mean and std"):
+        load_dataset("cifar100", tmp_path, mean=m)
+    with pytest.raises(DataError, match="mean/std apply to cifar10/cifar100 only"):
+        load_dataset("digits", mean=m, std=s)
+
+
 def test_cifar_missing_or_corrupt_root(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere"
     with pytest.raises(DataError) as info:

@@ -368,7 +368,9 @@ def test_domain_data_from_a_fake_office_tree(tmp_path):
                     Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(d / f"{i}.png")
     train, test, trd, ted = P.load_domain_data(root, "office31", size=8)
     assert train.x.shape == (24, 3, 8, 8) and test.x.shape == (12, 3, 8, 8)
-    assert list(trd[:8]) == ["webcam"] * 8 and train.classes == ["0", "1"]
+    assert list(trd[:8]) == ["webcam"] * 8
+    assert train.classes == test.classes == ["back_pack", "bike"]  # the class folders' names, not '0', '1'
+    assert train.num_classes == 2 and set(train.y.tolist()) == {0, 1}
     exp = {"name": "o", "dataset": "office31", "image_size": 8, "model": "resnet8", "replay_rate": 0.5}
     P.check_experiment(exp)
     tr, te, split = P._load_experiment_data(exp, str(tmp_path), torch.device("cpu"), {})

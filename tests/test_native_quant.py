@@ -2,8 +2,9 @@
 
 Oracles kept here: ClimbQ's levels computed in float64 with scipy's ``ndtr`` (so the *exact* level of each value,
 which the kernel must match bit for bit, thresholds included), LifeQuant's ops in torch with the kernel's
-statistics, and the torch paths of paperlib (``native=False``): the kernels may differ from those only where the
-torch erf's approximation puts a value on the other side of a level boundary, and gradients agree to rounding.
+statistics (torch's own ``w.mean()``/``w.std()``, as the original code), and the torch paths of paperlib
+(``native=False``): the kernels may differ from those only where the torch erf's approximation puts a value on
+the other side of a ClimbQ level boundary (LifeQuant: never), and gradients agree to rounding.
 """
 
 import copy
@@ -24,9 +25,8 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def kernel_stats(w):
-    """Mean and unbiased std as the kernel forms them: float64 sums, rounded once to the dtype."""
-    w64 = w.detach().double()
-    return w64.mean().to(w.dtype), w64.std().to(w.dtype)
+    """Mean and unbiased std as the kernel takes them: torch's ``w.mean()`` and ``w.std()`` (the original's)."""
+    return w.detach().mean(), w.detach().std()
 
 
 def exact_levels(a, n):
@@ -298,3 +298,81 @@ def test_zero_takes_the_upper_middle_level_as_round_half_to_even_does(bits):
         assert torch.equal(C.quantize_activation(x, bits, 2.0, 1.0, native=native), want)
     w = torch.tensor([-1.0, 0.0, 1.0])  # the middle weight is its tensor's mean
     assert C.quantize_weight(w, bits, native=True)[1] == C.quantize_weight(w, bits, native=False)[1]
+
+
+# --------------------------------------------------------------------------------------------- offset tensors
+
+
+def offset_weights(seed, dtype=torch.float32):
+    """Weights far from zero mean (a layer's weights + 3.7, and - 2.1): where float64 statistics rounded once
+    differ from torch's ``w.mean()``/``w.std()`` in the last bit, and a few values per million then land one
+    level off the original's."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(64, 64, 3, 3, generator=gen, dtype=dtype) * 0.05 + 3.7,
+            torch.randn(16, 3, 3, 3, generator=gen, dtype=dtype) * 0.2 - 2.1,
+            torch.randn(10, 64, generator=gen, dtype=dtype) * 0.01 + 0.5]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lifequant_native_equals_the_torch_path_on_offset_tensors(seed, bits):
+    """The kernel takes torch's per-tensor mean and std, so its values are the torch path's bit for bit, one by
+    one and in one call; the gradients agree to rounding (the kernel sums them in float64)."""
+    ws = offset_weights(seed)
+    for w in ws:
+        assert torch.equal(LQ.quantize_weight(w, bits, native=True), LQ.quantize_weight(w, bits, native=False))
+    many = LQ.quantize_weights(ws, bits, native=True)
+    ref = LQ.quantize_weights(ws, bits, native=False)
+    assert all(torch.equal(a, b) for a, b in zip(many, ref, strict=True))
+    gen = torch.Generator().manual_seed(100 + seed)
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    for native in (True, False):
+        ps = [w.clone().requires_grad_() for w in ws]
+        out = LQ.quantize_weights(ps, bits, native=native)
+        assert all(torch.equal(o.detach(), r) for o, r in zip(out, ref, strict=True))
+        torch.autograd.backward(out, gs)
+        if native:
+            got = [p.grad for p in ps]
+        else:
+            want = [p.grad for p in ps]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_climbq_native_levels_use_torch_statistics_on_offset_tensors(seed, bits):
+    """ClimbQ's kernel on torch's ``w.mean()``/``w.std()``: the exact level of ``(w - mean) / std`` everywhere,
+    so it equals the torch path except within 1e-5 of a level boundary (torch's erf approximation, module
+    docstring), and there by one level; gradients agree to rounding."""
+    ws = offset_weights(seed)
+    n = 2**bits - 1
+    gen = torch.Generator().manual_seed(100 + seed)
+    gs = [torch.randn(w.shape, generator=gen) for w in ws]
+    many = C.quantize_weights(ws, bits, native=True)
+    for w, got in zip(ws, many, strict=True):
+        assert torch.equal(got, exact_climbq_weight(w, bits))
+        assert torch.equal(C.quantize_weight(w, bits, native=True), got)
+        torch_path = C.quantize_weight(w, bits, native=False)
+        differ = got != torch_path
+        a = (w - w.mean()) * w.std().reciprocal()
+        assert (boundary_distance(a[differ], n) < 1e-5).all()
+        assert ((got - torch_path)[differ].abs() <= 2 / n * (1 + 1e-6)).all()
+    grads = {}
+    for native in (True, False):
+        ps = [w.clone().requires_grad_() for w in ws]
+        torch.autograd.backward(C.quantize_weights(ps, bits, native=native), gs)
+        grads[native] = [p.grad for p in ps]
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_kernel_statistics_are_torchs():
+    """The statistics the kernels take are ``w.mean()`` and ``w.std()`` bit for bit (not float64 sums)."""
+    ws = offset_weights(0)
+    mean, std = N.torch_mean_std(ws)
+    assert torch.equal(mean, torch.stack([w.mean() for w in ws]))
+    assert torch.equal(std, torch.stack([w.std() for w in ws]))
+    m64, s64 = N.mean_std(ws)  # the float64 reference: equal to rounding, not bit for bit
+    torch.testing.assert_close(m64, mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s64, std, rtol=1e-5, atol=0)

@@ -85,11 +85,12 @@ def _roundtrip(m: dict, tmp_path: Path) -> dict:
 
 
 def _shrink_lifequant(cfg: dict) -> dict:
-    """The paper preset with 1 epoch per stage (milestones at 1), the domain experiments at 16 pixels and the
-    MobileNetV2 one at 8 pixels in one batch per epoch (its 32-pixel forward costs ~1 s per batch on a CPU; at 8
-    pixels its last stages are 1x1, where a ragged 2-image batch makes every activation equal, and the batch
-    standardisation of the MobileNetV2 code, which has no epsilon, divides 0 by 0). Everything else as the preset
-    has it: datasets, splits, replay rates, methods, quantizer settings, augmentation, init weights."""
+    """The paper preset with 1 epoch per stage (milestones at 1), the domain experiments decoded at 20 pixels and
+    cropped to 16 (the preset: 256 -> 224) and the MobileNetV2 one at 8 pixels in one batch per epoch (its
+    32-pixel forward costs ~1 s per batch on a CPU; at 8 pixels its last stages are 1x1, where a ragged 2-image
+    batch makes every activation equal, and the batch standardisation of the MobileNetV2 code, which has no
+    epsilon, divides 0 by 0). Everything else as the preset has it: datasets, splits, replay rates, methods,
+    quantizer settings, normalisation, augmentation, init weights."""
     cfg["schedule"] = {**cfg["schedule"], "fp_epochs": 1, "q8_epochs": 1, "fp_milestones": [1], "milestones": [1]}
     for exp in cfg["experiments"]:
         if "schedule" in exp:
@@ -98,7 +99,7 @@ def _shrink_lifequant(cfg: dict) -> dict:
             exp["image_size"] = 8
             exp["schedule"]["batch_size"] = 128
         if exp["dataset"] in lq.DOMAIN_DATASETS:
-            exp["image_size"] = 16
+            exp["image_size"], exp["resize"] = 16, 20
     return cfg
 
 
@@ -145,6 +146,9 @@ def test_lifequant_paper_cifar100_resnet20_driver(no_md5, tmp_path):
     assert exp["rows"]["paper_training"] == [66, 66 + 13, 68 + 13 + 13]
     assert (exp["schedule"]["batch_size"], exp["schedule"]["augment"], exp["schedule"]["quantizer"]) == \
         (128, True, "standardize")
+    # spec §1.6: the code normalises CIFAR-100 with (.4914, .4822, .4465), (.2023, .1994, .2010), no crop
+    assert exp["normalize"] == [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]] and exp["resize"] is None
+    assert exp["schedule"]["crop"] is None
     for run in m["runs"]:
         assert run["diverged"] is None and len(run["acc"]) == 3 and [len(h) for h in run["history"]] == [1, 1, 1]
         assert run["acc_dropped_classes"] is not None  # 34 classes of task 0/1 are absent from task 2
@@ -175,8 +179,12 @@ def test_lifequant_paper_office_imageclef_driver(tmp_path, monkeypatch):
     assert m["skipped_experiments"] == [] and m["methods"] == methods and len(m["runs"]) == 6
     office, clef = m["experiments"]
     assert (office["num_tasks"], clef["num_tasks"]) == (3, 4)
-    # the class ids of the folders in sorted order (Office's names are only in the split CSVs: see the report)
-    assert office["class_names"] == [str(c) for c in range(31)] and clef["class_names"] == [str(c) for c in range(12)]
+    # the class folders' names, in label order (Office: sorted names; ImageCLEF: the numeric folders)
+    assert office["class_names"] == OFFICE_CLASSES and clef["class_names"] == [str(c) for c in range(12)]
+    # spec §1.6: ImageNet normalisation, decoded at `resize` (here 20 for 256), random/center crops of 16 (224)
+    for exp in (office, clef):
+        assert exp["normalize"] == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]] and exp["resize"] == 20
+        assert exp["schedule"]["crop"] == 16 and exp["schedule"]["augment"] is True
     assert office["classes"] == [list(range(31))] * 3 and clef["classes"] == [list(range(12))] * 4
     assert office["rows"]["train"] == [31] * 3 and clef["rows"]["train"] == [12] * 4
     assert office["rows"]["replay"] == [16] * 3 and clef["rows"]["replay"] == [6] * 4  # 50 % replay

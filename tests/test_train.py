@@ -145,3 +145,22 @@ def test_bf16_autocast_and_channels_last_train(digits):
     assert res.final["top1"] > 0.6  # learns under bf16 autocast (fp32 reaches ~0.8 after 2 epochs)
     with pytest.raises(ValueError, match="amp='fp16'"):
         TrainConfig(amp="fp16")
+
+
+def test_fp32_cache_key_ignores_late_fields_at_their_defaults():
+    """A TrainConfig field added later (``crop``) must not invalidate the FP32 caches made before it."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from paperlib.data.load import load_dataset
+    from paperlib.pretrain import CACHE_VERSION, cache_key
+
+    train, _ = load_dataset("digits", size=8, channels=1)
+    cfg = TrainConfig(epochs=2)
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "crop"}  # the key before `crop` existed
+    blob = json.dumps({"version": CACHE_VERSION, "model": "resnet8", "kwargs": {}, "cfg": old,
+                       "data": train.fingerprint(), "torch": torch.__version__}, sort_keys=True, default=str)
+    assert cache_key("resnet8", {}, cfg, train) == hashlib.sha256(blob.encode()).hexdigest()[:20]
+    assert cache_key("resnet8", {}, dataclasses.replace(cfg, crop=6), train) != cache_key("resnet8", {}, cfg, train)
+    assert cache_key("resnet8", {}, dataclasses.replace(cfg, epochs=3), train) != cache_key("resnet8", {}, cfg, train)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,9 +20,20 @@ def _resize(data: InMemoryData, size: int) -> InMemoryData:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None = None, channels: int = 3,
-                 seed: int = 0, device: str | torch.device | None = None) -> tuple[InMemoryData, InMemoryData]:
-    """``(train, test)`` of a named dataset; ``size``/``channels`` reshape digits for CIFAR-shaped models."""
+                 seed: int = 0, device: str | torch.device | None = None, *,
+                 mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> tuple[InMemoryData, InMemoryData]:
+    """``(train, test)`` of a named dataset; ``size``/``channels`` reshape digits for CIFAR-shaped models.
+
+    ``mean``/``std`` (CIFAR only; both or neither): normalise with these per-channel constants instead of the
+    dataset's own (:data:`paperlib.data.cifar.CIFAR_STATS`), e.g. the CIFAR-10 constants the LifeQuant code uses
+    for CIFAR-100. Digits are always normalised with their train split's statistics."""
+    if (mean is None) != (std is None):
+        raise DataError("give both mean and std, or neither (then the dataset's own constants are used)")
     if name == "digits":
+        if mean is not None:
+            raise DataError("digits are normalised with their train split's statistics; mean/std apply to "
+                            "cifar10/cifar100 only (leave them None for digits)")
         from .digits import load_digits
 
         return load_digits(size=size or 8, channels=channels, seed=seed, device=device)
@@ -34,8 +46,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None
             )
         from .cifar import load_cifar
 
-        train = load_cifar(data_dir, name=name, train=True, device=device)
-        test = load_cifar(data_dir, name=name, train=False, device=device)
+        train = load_cifar(data_dir, name=name, train=True, device=device, mean=mean, std=std)
+        test = load_cifar(data_dir, name=name, train=False, device=device, mean=mean, std=std)
         if size and size != train.x.shape[-1]:
             train, test = _resize(train, size), _resize(test, size)
         return train, test

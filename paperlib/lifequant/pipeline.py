@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.augment import RandomCropFlip
+from ..data.augment import center_crop, train_augment
 from ..data.tensors import InMemoryData, TensorLoader
 from ..models import create_model, load_weights
 from ..presets import register_presets
@@ -227,8 +227,13 @@ class LifelongSchedule:
     clip: bool = False
     weight_std: float = SHIPPED_WEIGHT_STD
     act_quantizer: str | None = None
+    #: the network's input side when the training images are stored larger (``TrainConfig.crop``): set from an
+    #: experiment's ``resize``/``image_size`` (Office/ImageCLEF: decoded at 256, random 224 crops); None: no crop
+    crop: int | None = None
 
     def __post_init__(self) -> None:
+        if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
+            raise ValueError(f"crop={self.crop!r} must be an int >= 1 (the network's input side) or None")
         for name in ("fp_epochs", "q8_epochs", "task_epochs", "batch_size", "eval_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -260,7 +265,7 @@ class LifelongSchedule:
         return TrainConfig(epochs=epochs, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
                            batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            scheduler="multistep", milestones=list(milestones), lr_gamma=self.lr_gamma,
-                           seed=seed, augment=self.augment)
+                           seed=seed, augment=self.augment, crop=self.crop)
 
     def quantize(self, model: nn.Module, bits: int, act_bits: int | None = None) -> nn.Module:
         """:func:`quantize_lifequant` with this schedule's quantizer options (in place)."""
@@ -421,10 +426,11 @@ def _train_loss(method: LifelongMethod, scale: Mapping[int, float]) -> Callable[
 def _importance_loaders(method: LifelongMethod, train: InMemoryData, test: InMemoryData, split: LifelongSplit,
                         task: int, schedule: LifelongSchedule, seed: int) -> list[TensorLoader]:
     """The old-task loaders of F: ``replay_0..replay_{t-1}`` shuffled with the training augmentation and batch
-    size (spec §1.2), or ``test_0..test_{t-1}`` with the eval batch size (the R20 code's leak, code mode only)."""
+    size (spec §1.2), or ``test_0..test_{t-1}`` with the eval batch size (the R20 code's leak, code mode only).
+    With ``schedule.crop`` the replay images (stored larger) are cropped as in training."""
     if method.importance_data == "test":
         return [TensorLoader(test.subset(split.test[k]), schedule.eval_batch_size) for k in range(task)]
-    augment = RandomCropFlip(fill=train.normalized_value(0.0)) if schedule.augment else None
+    augment = train_augment(schedule.augment, schedule.crop, fill=train.normalized_value(0.0))
     return [TensorLoader(train.subset(split.replay[k]), schedule.batch_size, shuffle=True, augment=augment,
                          seed=seed * 1000 + 100 * task + k) for k in range(task)]
 
@@ -681,17 +687,29 @@ def _data_root(data_dir: str, dataset: str) -> Path:
 
 
 def load_domain_data(root: str | Path, dataset: str, size: int, device: torch.device | str | None = None,
-                     work_dir: str | Path | None = None) -> tuple[InMemoryData, InMemoryData, np.ndarray, np.ndarray]:
+                     work_dir: str | Path | None = None, *, resize: int | None = None,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     ) -> tuple[InMemoryData, InMemoryData, np.ndarray, np.ndarray]:
     """Office-31 / ImageCLEF image folders as ``(train, test, train_domains, test_domains)`` in memory.
 
     The per-domain CSVs come from :func:`write_domain_incremental` (layouts in :data:`OFFICE31`,
-    :data:`IMAGECLEF`), so the rows and their order are the generators'; images are decoded once at ``size``
-    (test normalised with the train statistics).
+    :data:`IMAGECLEF`), so the rows and their order are the generators'; ``classes`` are the class folders'
+    names (Office-31: ``back_pack``, ``bike``, ...; ImageCLEF: ``0``..``11``). Images are decoded once at
+    ``size x size`` (PIL bilinear), unless ``resize``: the spec's transforms (§1.6: ``Resize 256`` ->
+    ``RandomCrop``/``CenterCrop 224``), i.e. every image decoded at ``resize x resize``; the train split is kept at
+    that size (``TrainConfig.crop = size`` then takes random ``size x size`` crops + flips), the test split is
+    center-cropped to ``size`` once. ``mean``/``std`` (both or neither): the normalisation, e.g. ImageNet's
+    :data:`~paperlib.data.manifest.IMAGENET_MEAN`/``IMAGENET_STD`` (the spec's); None: the train split's own
+    per-channel statistics, which the test split then uses too.
     """
     from ..data.manifest import load_manifest_tensors
 
     if dataset not in DOMAIN_DATASETS:
         raise ValueError(f"unknown domain dataset {dataset!r}; use one of {sorted(DOMAIN_DATASETS)}")
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither (then the train images' own statistics are used)")
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < size):
+        raise ValueError(f"resize={resize!r} must be an int >= size={size} (decode at resize, crop to size) or None")
     preset = DOMAIN_DATASETS[dataset]
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         files = write_domain_incremental(root, tmp, **preset)
@@ -703,10 +721,55 @@ def load_domain_data(root: str | Path, dataset: str, size: int, device: torch.de
             frame[["image", "label"]].to_csv(csv, index=False)
             out.append((csv, frame["domain"].to_numpy(dtype=object)))
         num_classes = len(files.class_names)
-        train = load_manifest_tensors(out[0][0], root, size, device=device, num_classes=num_classes)
-        test = load_manifest_tensors(out[1][0], root, size, mean=train.mean, std=train.std, device=device,
+        decode = size if resize is None else resize
+        train = load_manifest_tensors(out[0][0], root, decode, mean=mean, std=std, device=device,
+                                      num_classes=num_classes)
+        test = load_manifest_tensors(out[1][0], root, decode, mean=train.mean, std=train.std, device=device,
                                      num_classes=num_classes)
-    return train, test, out[0][1], out[1][1]
+    if decode != size:
+        test = replace(test, x=center_crop(test.x, size).contiguous())
+    classes = [str(c) for c in files.class_names]
+    return replace(train, classes=classes), replace(test, classes=classes), out[0][1], out[1][1]
+
+
+#: named normalisations an experiment's ``"normalize"`` may give (else ``[[mean per channel], [std per channel]]``)
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+#: the constants of the LifeQuant code for CIFAR-100 (spec §1.6: ``Normalize((.4914, .4822, .4465), (.2023,
+#: .1994, .2010))``, CIFAR-10's statistics, in both CIFAR-100 variants), as the paper preset's ``"normalize"``
+CODE_CIFAR_NORMALIZE: list[list[float]] = [list(m) for m in NORMALIZATIONS["cifar10"]]
+
+
+def experiment_normalization(exp: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` of an experiment's ``"normalize"``: a name in :data:`NORMALIZATIONS` or ``[[mean per
+    channel], [std per channel]]``; None (absent): the loader's default (CIFAR: the dataset's own
+    ``CIFAR_STATS``; Office/ImageCLEF: the train images' statistics; digits: always their train statistics)."""
+    norm = exp.get("normalize")
+    name = exp.get("name")
+    if norm is None:
+        return None
+    if exp.get("dataset") == "digits":
+        raise ValueError(f"experiment {name!r}: digits are normalised with their train statistics; remove "
+                         "'normalize' (it applies to cifar10/cifar100/office31/imageclef)")
+    if isinstance(norm, str):
+        if norm not in NORMALIZATIONS:
+            raise ValueError(f"experiment {name!r}: normalize={norm!r} is unknown; use one of "
+                             f"{sorted(NORMALIZATIONS)} or [[mean per channel], [std per channel]]")
+        return NORMALIZATIONS[norm]
+    ok = (isinstance(norm, Sequence) and len(norm) == 2
+          and all(isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 3 for v in norm))
+    if ok:
+        try:
+            mean, std = (tuple(float(x) for x in v) for v in norm)
+        except (TypeError, ValueError):
+            ok = False
+    if not ok or not all(math.isfinite(x) for x in (*mean, *std)) or min(std) <= 0:
+        raise ValueError(f"experiment {name!r}: normalize={norm!r} must be a name ({sorted(NORMALIZATIONS)}) or "
+                         "[[3 means], [3 stds > 0]] (pixels in [0, 1], one value per RGB channel)")
+    return mean, std
 
 
 def _load_experiment_data(exp: Mapping[str, Any], data_dir: str, dev: torch.device,
@@ -714,20 +777,24 @@ def _load_experiment_data(exp: Mapping[str, Any], data_dir: str, dev: torch.devi
     from ..data.load import load_dataset
 
     dataset = exp["dataset"]
+    norm = experiment_normalization(exp)
+    mean, std = (None, None) if norm is None else norm
     if dataset in DOMAIN_DATASETS:
-        key = (dataset, exp["image_size"])
+        key = (dataset, exp["image_size"], exp.get("resize"), norm)
         if key not in cache:
-            cache[key] = load_domain_data(_data_root(data_dir, dataset) / dataset, dataset, exp["image_size"], dev)
+            cache[key] = load_domain_data(_data_root(data_dir, dataset) / dataset, dataset, exp["image_size"], dev,
+                                          resize=exp.get("resize"), mean=mean, std=std)
         train, test, trd, ted = cache[key]
         domains = list(DOMAIN_DATASETS[dataset]["domains"])
         split = domain_incremental_split(train.y.cpu(), trd, test.y.cpu(), ted, domains, exp["replay_rate"],
                                          exp.get("split_seed", DEFAULT_SEED))
         return train, test, split
     channels = exp.get("channels", 3)
-    key = (dataset, exp["image_size"], channels)
+    key = (dataset, exp["image_size"], channels, norm)
     if key not in cache:
         root = None if dataset == "digits" else str(_data_root(data_dir, dataset))
-        cache[key] = load_dataset(dataset, root, size=exp["image_size"], channels=channels, device=dev)
+        cache[key] = load_dataset(dataset, root, size=exp["image_size"], channels=channels, device=dev, mean=mean,
+                                  std=std)
     train, test = cache[key]
     split = class_incremental_split(train.y.cpu(), test.y.cpu(), exp["num_tasks"], exp["drop_rate"],
                                     exp["replay_rate"], exp.get("split_seed", DEFAULT_SEED),
@@ -746,7 +813,11 @@ _METHODS = ["original", "replay_ce", "replay_ball", "ewc", "lifequant_paper", "l
 _LAMBDA_SWEEP = {"preset": "lifequant_code", "name": "lifequant_code_lam300", "lam": 300.0,
                  "label": "LifeQuant, code mode, λ=300"}
 _CIFAR = {"dataset": "cifar100", "image_size": 32, "channels": 3, "num_tasks": 3, "drop_rate": 0.25,
-          "replay_rate": CIFAR_REPLAY_RATE}
+          "replay_rate": CIFAR_REPLAY_RATE, "normalize": CODE_CIFAR_NORMALIZE}
+#: Office/ImageCLEF transforms (spec §1.6): decode at 256, train RandomCrop(224) + flip, test CenterCrop(224),
+#: ImageNet normalisation
+_DOMAIN = {"image_size": 224, "resize": 256, "normalize": "imagenet", "channels": 3, "model": "resnet50",
+           "replay_rate": 0.5, "optional": True, "init_weights": "resnet50-imagenet.pth"}
 _CIFAR_SCHEDULE = {"fp_epochs": 30, "fp_lr": 0.001, "fp_milestones": [10, 20], "q8_epochs": 30, "q8_lr": 0.001,
                    "task_epochs": 30, "task_lr": 0.01, "milestones": [10, 20], "batch_size": 128,
                    "augment": True}
@@ -779,12 +850,10 @@ register_presets("lifequant", {
                                               "task_lr": 0.01, "weight_std": 0.125,
                                               "act_quantizer": "standardize"},
              "method_overrides": {"lifequant_code": {"ball_form": "mult", "prox_qnoise": True}}},
-            {"name": "Office-31, 3 domains, ResNet-50", "dataset": "office31", "image_size": 224, "channels": 3,
-             "model": "resnet50", "model_kwargs": {"num_classes": 31}, "replay_rate": 0.5, "optional": True,
-             "init_weights": "resnet50-imagenet.pth", "schedule": _DOMAIN_SCHEDULE},
-            {"name": "ImageCLEF, 4 domains, ResNet-50", "dataset": "imageclef", "image_size": 224, "channels": 3,
-             "model": "resnet50", "model_kwargs": {"num_classes": 12}, "replay_rate": 0.5, "optional": True,
-             "init_weights": "resnet50-imagenet.pth", "schedule": _DOMAIN_SCHEDULE},
+            {**_DOMAIN, "name": "Office-31, 3 domains, ResNet-50", "dataset": "office31",
+             "model_kwargs": {"num_classes": 31}, "schedule": _DOMAIN_SCHEDULE},
+            {**_DOMAIN, "name": "ImageCLEF, 4 domains, ResNet-50", "dataset": "imageclef",
+             "model_kwargs": {"num_classes": 12}, "schedule": _DOMAIN_SCHEDULE},
         ],
         "seeds": [0, 1, 2], "methods": _METHODS, "lam": DEFAULT_LAMBDA, "task_epochs": None,
         "schedule": _CIFAR_SCHEDULE,
@@ -795,7 +864,7 @@ register_presets("lifequant", {
 # ----------------------------------------------------------------------------------------------- driver
 EXPERIMENT_KEYS = ("name", "dataset", "image_size", "channels", "model", "model_kwargs", "num_tasks", "drop_rate",
                    "replay_rate", "split_seed", "schedule", "method_overrides", "extra_methods", "optional",
-                   "init_weights")
+                   "init_weights", "resize", "normalize")
 
 
 def check_experiment(exp: Mapping[str, Any]) -> None:
@@ -813,6 +882,16 @@ def check_experiment(exp: Mapping[str, Any]) -> None:
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
         raise ValueError(f"experiment {exp['name']!r}: replay_rate={rate!r} must be in (0, 1], the fraction of a "
                          "task's training rows kept for replay (0.2 CIFAR, 0.5 Office/ImageCLEF)")
+    experiment_normalization(exp)
+    resize, size = exp.get("resize"), exp["image_size"]
+    if resize is not None:
+        if exp["dataset"] not in DOMAIN_DATASETS:
+            raise ValueError(f"experiment {exp['name']!r}: resize applies to the image-folder datasets "
+                             f"{sorted(DOMAIN_DATASETS)} (decode at resize, crop to image_size); remove it")
+        if isinstance(resize, bool) or not isinstance(resize, int) or isinstance(size, bool) \
+                or not isinstance(size, int) or resize < size:
+            raise ValueError(f"experiment {exp['name']!r}: resize={resize!r} must be an int >= image_size={size!r} "
+                             "(images decoded at resize x resize, cropped to image_size: 256 and 224 in the spec)")
     if exp["dataset"] not in DOMAIN_DATASETS:
         n = exp.get("num_tasks")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -821,6 +900,18 @@ def check_experiment(exp: Mapping[str, Any]) -> None:
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 1:
             raise ValueError(f"experiment {exp['name']!r}: drop_rate={d!r} must be in [0, 1], the fraction of a "
                              "task's classes replaced at each switch (0.25 means 25 %, not 25)")
+
+
+def experiment_schedule(cfg: Mapping[str, Any], exp: Mapping[str, Any]) -> LifelongSchedule:
+    """The :class:`LifelongSchedule` of one experiment: ``cfg["schedule"]`` updated by ``exp["schedule"]``, and
+    with ``exp["resize"]`` the training crop ``crop = exp["image_size"]`` (the images are stored at ``resize``)."""
+    fields = {**cfg.get("schedule", {}), **exp.get("schedule", {})}
+    if fields.get("crop") is not None:
+        raise ValueError(f"schedule crop={fields['crop']!r}: the crop is set from each experiment; give the "
+                         "experiment 'resize' (decode size) and 'image_size' (crop) instead")
+    if exp.get("resize") is not None:
+        fields["crop"] = exp["image_size"]
+    return make_schedule(fields)
 
 
 def _experiment_present(exp: Mapping[str, Any], data_dir: str) -> bool:
@@ -918,9 +1009,8 @@ def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = 
     for exp in cfg["experiments"]:  # bad settings fail before any training
         check_experiment(exp)
         method_specs(cfg, exp)
-        make_schedule({**cfg.get("schedule", {}), **exp.get("schedule", {})})
+        experiment_schedule(cfg, exp)
     labels: dict[str, str] = {}
-    base_schedule = dict(cfg.get("schedule", {}))
     tmp = None
     if checkpoint_dir in (None, ""):
         tmp = tempfile.TemporaryDirectory(prefix="lifequant-")
@@ -953,7 +1043,7 @@ def run_lifequant(cfg: Mapping[str, Any], device: str = "auto", data_dir: str = 
             planned.append((exp, train, test, split, model_kwargs, init))
         for exp, train, test, split, model_kwargs, init in planned:
             fingerprints[exp["name"]] = train.fingerprint()
-            schedule = make_schedule({**base_schedule, **exp.get("schedule", {})})
+            schedule = experiment_schedule(cfg, exp)
             if epochs_override is not None:
                 schedule = replace(schedule, task_epochs=epochs_override)
             specs = method_specs(cfg, exp)
@@ -1013,6 +1103,7 @@ def _describe_split(exp: Mapping[str, Any], split: LifelongSplit, schedule: Life
         "drop_rate": exp.get("drop_rate"), "replay_rate": split.replay_rate, "split_seed": split.seed,
         "classes": [[int(c) for c in cl] for cl in split.classes],
         "class_names": list(train.classes),
+        "normalize": [list(train.mean), list(train.std)], "resize": exp.get("resize"),
         "rows": {"train": [int(i.size) for i in split.train], "test": [int(i.size) for i in split.test],
                  "replay": [int(i.size) for i in split.replay],
                  "paper_training": [int(split.training_indices(t).size) for t in range(split.num_tasks)]},

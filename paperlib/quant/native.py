@@ -6,9 +6,11 @@ scalings) plus two per-layer reductions, and an autograd node per layer; at 8x8 
 as the convolutions. The kernels do each pass in one sweep on torch's OpenMP threads and take all weight
 tensors of a model in one call (``*_weights``), one autograd node for all of them.
 
-What they compute: the same math as the torch paths, with two differences, both below float resolution:
-- mean and std of each weight tensor are summed in float64 (two passes) and rounded once, where torch sums in
-  the tensor's dtype;
+What they compute: the same math as the torch paths, on the same per-tensor statistics: each weight tensor's mean
+and unbiased std are torch's own ``w.mean()`` / ``w.std()`` (as the original code and the torch paths take them),
+so LifeQuant's weights equal the torch path's bit for bit, also for tensors far from zero mean (e.g. weights +
+3.7, where float64 sums rounded once would put a few values per million one level off). One difference remains,
+below float resolution:
 - ClimbQ's level ``round(n Phi(a))`` is exact: it counts the thresholds ``Phi^-1((i + 1/2) / n)`` (float64
   ``ndtri``, rounded up to the tensor's dtype) at or below ``a``. The torch path evaluates torch's ``erf``, whose
   CPU kernel is an approximation (absolute error up to ~1e-7), so the two can pick neighbouring levels for an
@@ -117,7 +119,10 @@ def _check(err: int) -> None:
 
 
 def mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased std of each tensor (float64 sums, rounded to the dtype), as two [len(ws)] tensors."""
+    """Mean and unbiased std of each tensor (float64 sums, rounded to the dtype), as two [len(ws)] tensors.
+
+    Not what the weight kernels use (they take :func:`torch_mean_std`, the original's statistics); kept as a
+    float64 reference of the statistics."""
     lib, sfx = _lib(), _sfx(ws[0])
     mean = torch.empty(len(ws), dtype=ws[0].dtype)
     std = torch.empty_like(mean)
@@ -125,6 +130,13 @@ def mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     _check(getattr(lib, f"segment_mean_std_{sfx}")(len(ws), wp.data_ptr(), sizes.data_ptr(), mean.data_ptr(),
                                                    std.data_ptr(), torch.get_num_threads()))
     return mean, std
+
+
+def torch_mean_std(ws: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each tensor's ``w.mean()`` and ``w.std()`` (unbiased) as torch computes them, as two [len(ws)] tensors:
+    the statistics of the original code and of the torch paths (``native=False``), bit for bit."""
+    ds = [w.detach() for w in ws]
+    return torch.stack([w.mean() for w in ds]), torch.stack([w.std() for w in ds])
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,7 @@ class _WeightsKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _WeightsSpec, *ws: Tensor) -> tuple[Tensor, ...]:  # noqa: D102
-        mean, sd = mean_std(ws)
+        mean, sd = torch_mean_std(ws)
         second = sd.reciprocal() if spec.reciprocal else sd
         outs = [torch.empty_like(w) for w in ws]
         sizes, wp, op = torch.tensor([w.numel() for w in ws], dtype=torch.int64), _ptrs(ws), _ptrs(outs)
