@@ -160,21 +160,56 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 128) -> list[dict[str, Any]]:
+#: cases not compiled (``--compile``): the peer is torch.ao's own graph, the per-layer variants equal the others
+#: under compile (every layer then quantizes its own weight on the PyTorch path)
+NOT_COMPILED = ("torch.ao QAT 8-bit (peer)", "ClimbQ W4A4 (PyTorch path, per layer)",
+                "LifeQuant W4A4 + prox (PyTorch path, per layer)")
+
+
+def compiled_name(name: str, mode: str) -> str:
+    """Row name of ``name``'s compiled step (its baseline: FP32's compiled step, same mode)."""
+    return f"{name} [compiled, {mode}]"
+
+
+def _step_builds(compile_mode: str) -> dict[str, tuple[Callable[[], Any], str | None]]:
+    """Row name -> (builder, compile mode or None): every case eager, then the compiled ones."""
+    cases = step_cases()
+    builds: dict[str, tuple[Callable[[], Any], str | None]] = {n: (b, None) for n, b in cases.items()}
+    if compile_mode != "none":
+        builds.update({compiled_name(n, compile_mode): (b, compile_mode) for n, b in cases.items()
+                       if n not in NOT_COMPILED})
+    return builds
+
+
+def _baseline(name: str) -> str:
+    """The row a case's ratio divides by: FP32 (DGMS: option-A FP32), compiled alike for a compiled case."""
+    base, sep, tag = name.partition(" [compiled")
+    return BASELINE.get(base, "FP32") + (sep + tag if sep else "")
+
+
+def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 128,
+                compile_mode: str = "none") -> list[dict[str, Any]]:
     """Every case's step is timed once per round, round after round (interleaved), so a slow spell of the
-    machine hits every method alike; each time is the median over ``reps`` rounds after two warm-up steps."""
+    machine hits every method alike; each time is the median over ``reps`` rounds after the warm-up steps.
+    ``compile_mode`` (not "none"): each method's step also runs ``torch.compile``d
+    (:func:`paperlib.compiled.compile_model`, in place) and is divided by the compiled FP32 step; the targets
+    apply to those rows too (on a GPU, the compiled step is the fast one)."""
+    from paperlib.compiled import compile_model
+
     rows = []
     for size in sizes:
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         steps: dict[str, Callable[[], None]] = {}
-        for name, build in step_cases().items():
+        for name, (build, mode) in _step_builds(compile_mode).items():
             try:
                 model, loss_fn = build()
+                model = model.to(device).train()
+                if mode is not None:
+                    compile_model(model, mode, inplace=True)
             except Exception as e:  # a method that cannot be built is reported, not fatal
                 rows.append({"case": name, "size": size, "error": f"{type(e).__name__}: {e}"})
                 continue
-            model = model.to(device).train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
             def step(model=model, loss_fn=loss_fn, opt=opt, x=x, y=y):
@@ -182,8 +217,12 @@ def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 
                 loss_fn(model, x, y).backward()
                 opt.step()
 
-            for _ in range(2):
-                step()
+            try:
+                for _ in range(2 if mode is None else 4):  # compiled: LSQ/CBP settle into their steady graph
+                    step()
+            except Exception as e:  # e.g. Inductor cannot build here: reported, not fatal
+                rows.append({"case": name, "size": size, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
             steps[name] = step
         samples: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(reps):
@@ -191,10 +230,10 @@ def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 
                 samples[name].append(_timed(step, device))
         times = {name: statistics.median(v) for name, v in samples.items()}
         for name, t in times.items():
-            base = times.get(BASELINE.get(name, "FP32"))
+            base = times.get(_baseline(name))
             ratio = t / base if base else float("nan")
-            target = TARGETS.get(name)
-            rows.append({"case": name, "size": size, "baseline": BASELINE.get(name, "FP32"),
+            target = TARGETS.get(name.partition(" [compiled")[0])
+            rows.append({"case": name, "size": size, "baseline": _baseline(name),
                          "step_ms": round(1000 * t, 2), "ratio_vs_fp32": round(ratio, 3),
                          "images_per_s": round(batch / t, 1), "target": target,
                          "meets_target": None if target is None else bool(ratio <= target)})
@@ -493,7 +532,8 @@ def to_markdown(results: dict[str, Any]) -> str:
                      f"{r['target'] or ''} | {met} |")
     if any(r.get("baseline", "FP32") != "FP32" for r in results["steps"]):
         lines.append("\nEach ratio is against FP32 ResNet-20 with the option-B shortcut, except DGMS's: against FP32 "
-                     "with the option-A (zero-pad) shortcut its paper uses.")
+                     "with the option-A (zero-pad) shortcut its paper uses. A `[compiled, mode]` row is "
+                     "`torch.compile`d (`paperlib.compiled.compile_model`) and divided by FP32's compiled step.")
     if results.get("dgms_memory"):
         lines += ["", "## DGMS memory: one ResNet-18 train step at 224 px (1000 classes)\n",
                   "| method | batch | ms/step | peak MB | one [K, #w] tensor MB |", "|---|---|---|---|---|"]
@@ -538,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
                    "'none' to skip; --quick skips)")
     p.add_argument("--dgms-batch", type=int, default=None, help="224 px batch of the DGMS memory case "
                    "(default 64 on CUDA, 8 on CPU; 0 skips)")
+    p.add_argument("--compile", default="auto", help="also time every step torch.compile'd in this mode: "
+                   "default, reduce-overhead (CUDA graphs), max-autotune; 'none'; auto (default): reduce-overhead on "
+                   "CUDA, none on CPU (there eager with the native kernels is as fast)")
     p.add_argument("--only", default="", help="comma-separated sections: steps,homovar,ops,dgms_memory,gpu_fit,e2e")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -549,7 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     e2e = [] if args.quick else [p for p in (args.e2e or "smoke,default").split(",") if p and p != "none"]
     dgms_batch = args.dgms_batch if args.dgms_batch is not None else (64 if device.type == "cuda" else 8)
     results: dict[str, Any] = {"machine": machine(device), "reps": reps}
-    results["steps"] = bench_steps(device, sizes, reps) if want("steps") else []
+    compile_mode = args.compile if args.compile != "auto" else ("reduce-overhead" if device.type == "cuda" else "none")
+    if compile_mode != "none":
+        from paperlib.compiled import MODES
+
+        if compile_mode not in MODES:
+            p.error(f"--compile {compile_mode!r}: use auto, none or one of {list(MODES)}")
+    results["compile"] = compile_mode
+    results["steps"] = bench_steps(device, sizes, reps, compile_mode=compile_mode) if want("steps") else []
     results["homovar"] = bench_homovar(device, reps, args.quick) if want("homovar") else []
     if want("ops"):
         results["ops"] = bench_ops()

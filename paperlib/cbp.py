@@ -815,7 +815,8 @@ class CBP:
         constrained weight and computes the penalty before the forward, and the layers use those
         projections: the same values and gradients as the layer-by-layer path, a handful of ops in all.
         """
-        if not (self.fused and self.started and (model is self.model or getattr(model, "module", None) is self.model)):
+        if not (self.fused and self.started and self.model in (model, getattr(model, "module", None),
+                                                                 getattr(model, "_orig_mod", None))):
             return self.lagrangian(F.cross_entropy(model(x), y))
         views, pen = self._fused_projections()
         quantizers = [layer.weight_quantizer for layer in self.layers.values()]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .data.long_tail import check_class_counts
 from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
 from .quant import native as _native
-from .quant.core import refuse_double_backward, standardize_flat
+from .quant.core import compiling, refuse_double_backward, standardize_flat
 from .quant.core import scalar_operand as _c
 from .quant.uniform import as_bits, uniform_quantize
 
@@ -141,6 +141,8 @@ def quantize_weights(ws: Sequence[Tensor], bits: int, *, native: bool | None = N
     if len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].dtype not in _FUSED_DTYPES:
         raise ValueError("quantize_weights needs float32 or float64 tensors of one dtype on one device; "
                          "quantize others one by one with quantize_weight")
+    if compiling():  # torch.compile: per tensor on plain torch ops (Inductor fuses each chain)
+        return [_weight_reference(w, bits) for w in ws]
     if _native.use_native(native, *ws):
         return _native.climbq_weights(ws, bits)
     n = 2**bits - 1
@@ -207,6 +209,7 @@ def quantize_weight(w: Tensor, bits: int, *, fused: bool = True, native: bool | 
     ``native=None`` (default) uses the native CPU kernel (:mod:`paperlib.quant.native`) for contiguous CPU
     float32/float64 tensors: exact levels, so it can differ from the torch path's erf where ``Phi(a) n`` lies
     within ~1e-6 of a level boundary; ``native=False`` keeps the torch path, ``True`` insists on the kernel.
+    Under ``torch.compile`` (:mod:`paperlib.compiled`) it takes the ``fused=False`` ops, whatever the options.
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
@@ -215,6 +218,8 @@ def quantize_weight(w: Tensor, bits: int, *, fused: bool = True, native: bool | 
         raise ValueError(f"quantize_weight needs at least 2 weights for the std, got shape {tuple(w.shape)}")
     if native and not fused:
         raise ValueError("native=True is the fused path's kernel; fused=False is the plain autograd reference")
+    if compiling():  # torch.compile: plain torch ops, autograd's gradient (the fused path's, to rounding)
+        return _weight_reference(w, bits)
     n = 2**bits - 1
     if fused and _native.use_native(native, w):
         return _native.climbq_weights([w], bits)[0]
@@ -224,6 +229,11 @@ def quantize_weight(w: Tensor, bits: int, *, fused: bool = True, native: bool | 
         with torch.no_grad():
             a = torch.sub(w, w.mean()).mul_(w.std().reciprocal())
             return _levels_from_erf(a.div_(_c(_SQRT2, a)).erf_(), n)
+    return _weight_reference(w, bits)
+
+
+def _weight_reference(w: Tensor, bits: int) -> Tensor:
+    """``fused=False``: the original's ops under plain autograd (also the path under ``torch.compile``)."""
     phi = _normal_cdf(w, w.mean(), w.std())
     return uniform_quantize(phi, bits) * 2 - 1
 
@@ -273,6 +283,8 @@ def quantize_activation(
     ``fused=True`` (default) computes float32/float64 tensors in place and saves only ``x`` for an analytic
     backward: the same values bit for bit and the same gradient (to rounding) as ``fused=False``.
     ``native``: as in :func:`quantize_weight` (the kernel for contiguous CPU float32/float64 inputs).
+    Under ``torch.compile`` it takes the ``fused=False`` ops; a tensor sigma is then a graph input (a new one per
+    batch does not recompile), a float sigma a constant (each new value compiles once).
     """
     bits = _check_bits(bits)
     if bits == FULL_PRECISION:
@@ -281,6 +293,8 @@ def quantize_activation(
         raise ValueError(f"sigma={sigma} must be > 0")
     if native and not fused:
         raise ValueError("native=True is the fused path's kernel; fused=False is the plain autograd reference")
+    if compiling():  # torch.compile: plain torch ops (no kernel, no cached reciprocal)
+        return _activation_reference(x, bits, sigma, act_range)
     if native:
         _native.use_native(True, x)  # raises, saying why, when the kernel cannot take x
     if fused and x.dtype in _FUSED_DTYPES:
@@ -291,6 +305,11 @@ def quantize_activation(
             return _ClimbQActFn.apply(x, rec, n, float(act_range))
         with torch.no_grad():
             return _act_forward(x, rec, n, float(act_range))
+    return _activation_reference(x, bits, sigma, act_range)
+
+
+def _activation_reference(x: Tensor, bits: int, sigma: Tensor | float, act_range: float) -> Tensor:
+    """``fused=False``: the original's ops under plain autograd (also the path under ``torch.compile``)."""
     phi = _normal_cdf(x, 0.0, _per_sample(sigma, x))
     return (uniform_quantize(phi, bits) * 2 - 1) * act_range
 

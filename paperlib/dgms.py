@@ -32,7 +32,8 @@ Speed (issue 9): on CPU the same Function runs as a small native kernel (``impl=
 compiled once per machine, see "native CPU kernel" below): one fused pass per tile of 32 weights, SIMD across
 weights, no [K, #weights] tensor in either pass, analytical backward, OpenMP over chunks, denormals flushed.
 It agrees with the torch path to float rounding (tests/test_fused_dgms.py); without a C compiler ``"auto"``
-is the torch path.
+is the torch path. Under ``torch.compile`` (:mod:`paperlib.compiled`) the fused/auto/native impls run
+:class:`_SoftWeightsTraced`: the same math in one chunk, which dynamo traces and Inductor fuses.
 
 §2.1 qualified (measured here): at tau = 0.01 the assignment is one-hot for TV-1's weights
 and for most weights of a layer, but not near decision boundaries (|r_j - r_k| < ~0.3), where ``a`` stays soft
@@ -72,7 +73,7 @@ from .dgms_native import _NATIVE_DTYPES, _NATIVE_MAX_K, _native_lib, native_cach
 from .models import create_model, load_weights
 from .presets import register_presets
 from .pretrain import pretrained_fp32
-from .quant.core import QuantConv2d, QuantLinear, quantize_model
+from .quant.core import QuantConv2d, QuantLinear, compiling, quantize_model
 from .quant.uniform import DoReFaWeight
 from .stats import format_mean_ci, mean_ci, summarize
 from .train import Callback, TrainConfig, evaluate, fit, resolve_device
@@ -444,6 +445,28 @@ class _SoftWeightsGrouped(torch.autograd.Function):
         return gw, None, gm, gs / S, gpi, -gt / T, None, None
 
 
+class _SoftWeightsTraced(torch.autograd.Function):
+    """:class:`_SoftWeights` as one chunk, for ``torch.compile`` (dynamo traces forward and backward; Inductor
+    fuses the [K, n] work into reductions over K, so no chunk loop is needed to bound memory): the same
+    forward ops but ``S = sum_k m_k a_k`` as a reduction (``m @ a`` in eager: the same value to rounding) and
+    the same hand-derived backward, saving only ``w`` and the K-vectors."""
+
+    @staticmethod
+    def forward(ctx, w, m, sigma_e, pi_t, tau, faithful: bool):  # noqa: D102
+        a = _assign(w.reshape(-1), m, sigma_e, pi_t, tau, faithful)[-1]
+        ctx.save_for_backward(w, m, sigma_e, pi_t, tau)
+        ctx.faithful = faithful
+        return (m[:, None] * a).sum(0).view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        w, m, sigma_e, pi_t, tau = ctx.saved_tensors
+        cols = (*_columns(*_group_tables(m, sigma_e, pi_t)), tau)
+        gw, dm, ds, dlam, zt = _backward_terms(w.reshape(-1), grad.reshape(-1), cols, ctx.faithful)
+        gpi = torch.where(pi_t > 0, dlam.sum(1) / pi_t.masked_fill(pi_t == 0, 1), 0)
+        return gw.view_as(w), dm.sum(1), ds.sum(1) / sigma_e, gpi, -zt.sum() / tau, None
+
+
 def _weight_columns(tabs: Sequence[Tensor], T: Tensor, sg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Each weight's column of the per-layer tables ([K, n]) and its tau ([n]); ``sg`` is each weight's layer."""
     return (*(t[sg].T for t in tabs), T[sg])
@@ -555,6 +578,8 @@ def _soft(w, m, sigma_e, pi_t, tau, logits: str, impl: str, chunk_elements: int)
     """S(w) from effective parameters with the torch implementations (the native kernel takes raw parameters:
     :class:`_DGMSNative`)."""
     faithful = logits == "responsibility"
+    if impl in ("fused", "auto", "native") and compiling():  # torch.compile: no chunk loop, no native kernel
+        return _SoftWeightsTraced.apply(w, m, sigma_e, pi_t, tau, faithful)
     if impl in ("fused", "auto", "native"):
         return _SoftWeights.apply(w, m, sigma_e, pi_t, tau, faithful, chunk_elements)
     if impl == "reference":
@@ -605,7 +630,7 @@ def soft_weights(
     if impl not in IMPLS:
         _soft(w, mu, sigma, pi, tau, logits, impl, chunk_elements)  # raises the error naming the choices
     t = _as_tau(tau, w)
-    if _use_native(impl, w, k):
+    if not compiling() and _use_native(impl, w, k):  # under torch.compile: the torch path (_soft)
         mu_c, sigma_c, pi_c = (x.to(device=w.device, dtype=w.dtype) for x in (mu, sigma, pi))
         return _DGMSNative.apply(w, mu_c[1:], sigma_c, pi_c, t, logits == "responsibility", False, None)
     m, sigma_e, pi_t = _effective(mu, sigma, pi, w.dtype)
@@ -784,7 +809,7 @@ class DGMSWeight(nn.Module):
     def soft(self, w: Tensor) -> Tensor:
         """``S(w)`` of §1.4 with this layer's mixture."""
         impl = getattr(self, "impl", "fused")
-        if _use_native(impl, w, self.num_components):
+        if not compiling() and _use_native(impl, w, self.num_components):  # compile: the torch path below
             if not self.guards:
                 _check_mixture(self.mu, self.sigma, self.pi)
                 _as_tau(self.tau, w)

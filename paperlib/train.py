@@ -82,6 +82,9 @@ class TrainConfig:
     #: training takes a random ``crop x crop`` window + flip (``augment``; no padding) or the central one (no
     #: ``augment``), evaluation the central one (``CenterCrop``); None: the stored size (pad-4 crop if ``augment``)
     crop: int | None = None
+    #: ``torch.compile`` the model for training (:mod:`paperlib.compiled`): "none" (eager), "default",
+    #: "reduce-overhead" (CUDA graphs on a GPU), "max-autotune", "max-autotune-no-cudagraphs"
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"scheduler={self.scheduler!r}: use 'cosine', 'multistep' or 'none'")
         if self.amp not in ("none", "bf16"):
             raise ValueError(f"amp={self.amp!r}: use 'none' or 'bf16'")
+        from .compiled import MODES
+
+        if self.compile not in ("none", *MODES):
+            raise ValueError(f"compile={self.compile!r}: use 'none' (eager) or one of {list(MODES)} (torch.compile's "
+                             "modes; 'reduce-overhead' adds CUDA graphs on a GPU)")
         if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
             raise ValueError(f"crop={self.crop!r}: give the network's input side (an int >= 1, e.g. 224 for images "
                              "stored at 256) or None (the stored size)")
@@ -354,6 +362,11 @@ def fit(
     process, e.g. a shared file system; the ranks check that they agree on whether it exists), and each rank
     gets back its own RNG state when the world size is the same.
 
+    ``config.compile`` (not "none"): the model is compiled in place for the run
+    (:func:`paperlib.compiled.compile_model`; lazy, at the first step; train and eval graphs compile once each,
+    and once more for a partial last batch) and handed back eager when ``fit`` returns or raises. A criterion
+    that calls submodules itself (``model.forward_features``, ``model.fc``) runs those parts eagerly.
+
     ``sync_batchnorm``: under DDP, train with every BN layer converted to ``torch.nn.SyncBatchNorm`` (batch
     statistics of the global batch, as in one process); the model gets its own BN modules back, holding the
     trained parameters and statistics, when ``fit`` returns. CUDA only (torch's SyncBatchNorm has no CPU path):
@@ -363,6 +376,28 @@ def fit(
     ddp = _use_ddp(distributed)
     if not isinstance(sync_batchnorm, bool):
         raise TypeError(f"sync_batchnorm={sync_batchnorm!r} must be True or False")
+    mode = (config or TrainConfig()).compile
+    if mode == "none":
+        return _fit_ddp_modes(model, train, test, config, criterion, callbacks, optimizer, device, checkpoint,
+                              resume, progress, ddp, find_unused_parameters, sync_batchnorm)
+    from .compiled import compile_model, is_compiled, uncompile
+
+    if is_compiled(model):
+        raise ValueError("TrainConfig(compile=...) compiles the model itself: pass the eager module (not "
+                         "torch.compile's wrapper, not one compiled in place), or leave compile='none'")
+    compile_model(model.to(resolve_device(device)), mode, inplace=True)  # lazy: compiles at the first step
+    try:
+        return _fit_ddp_modes(model, train, test, config, criterion, callbacks, optimizer, device, checkpoint,
+                              resume, progress, ddp, find_unused_parameters, sync_batchnorm)
+    finally:
+        uncompile(model)  # the caller gets the eager module back, also when training raised
+
+
+def _fit_ddp_modes(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | Iterable | None,
+                   config: TrainConfig | None, criterion: Criterion, callbacks: Sequence[Callback],
+                   optimizer: torch.optim.Optimizer | None, device: str | torch.device | None,
+                   checkpoint: str | Path | None, resume: bool, progress: bool | None, ddp: bool,
+                   find_unused_parameters: bool, sync_batchnorm: bool) -> TrainResult:
     kwargs = dict(criterion=criterion, callbacks=callbacks, optimizer=optimizer, device=device, checkpoint=checkpoint,
                   resume=resume, progress=progress, ddp=ddp, find_unused_parameters=find_unused_parameters)
     if not ddp and _use_ddp(None):  # one rank trains alone inside a process group: no collectives anywhere

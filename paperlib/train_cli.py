@@ -372,14 +372,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.fp_epochs > 0:
             fp_cfg = TrainConfig(epochs=args.fp_epochs, lr=args.fp_lr, batch_size=args.batch_size,
                                  seed=args.seed, augment=args.augment, momentum=args.momentum,
-                                 weight_decay=DEFAULT_WD["fp32"])
+                                 weight_decay=DEFAULT_WD["fp32"], **_gpu_options(args))
             pre_history = fit(model, train, None, fp_cfg, device=dev, progress=args.progress,
                               checkpoint=None if ckdir is None else ckdir / "fp32.pt", resume=args.resume,
                               sync_batchnorm=args.sync_bn).history
         setup = BUILDERS[args.method](model, args, train)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, seed=args.seed, augment=args.augment,
-                          scheduler=setup.scheduler or args.scheduler)
+                          scheduler=setup.scheduler or args.scheduler, **_gpu_options(args))
         res = fit(setup.model, train, test, cfg, criterion=setup.criterion or cross_entropy, callbacks=setup.callbacks,
                   optimizer=setup.optimizer, device=dev, progress=args.progress,
                   checkpoint=None if ckdir is None else ckdir / f"{args.method}.pt", resume=args.resume,
@@ -411,7 +411,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return metrics
 
 
+def _gpu_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig options of the GPU path (``--amp``, ``--channels-last``, ``--compile``)."""
+    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from .compiled import MODES as compile_modes
+
     p = parser or argparse.ArgumentParser(prog="python -m paperlib train", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=METHODS)
@@ -451,6 +458,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: torch.nn.SyncBatchNorm (global-batch BN statistics); CUDA only")
     p.add_argument("--cbp-mode", default=None, choices=["bin", "ter", "1bit", "2bit"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast the training forward")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
+    p.add_argument("--compile", default="none", choices=["none", *compile_modes],
+                   help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU); CPU: eager is as fast")
     return p
 
 

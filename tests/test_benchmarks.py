@@ -1,5 +1,6 @@
 """The benchmark's dense HomoVar baseline is the same loss as ours (so the speed ratio compares like with like)."""
 
+import pytest
 import torch
 
 from benchmarks.run import dense_homovar, step_cases, to_markdown
@@ -60,3 +61,26 @@ def test_op_count_sees_what_one_pass_saves():
     assert rows["ClimbQ W4A4"]["ops"] < rows["ClimbQ W4A4 (PyTorch path, per layer)"]["ops"]
     assert "| FP32 | " in to_markdown({"machine": {"cpus": 2, "torch": "x", "device": "cpu"}, "reps": 1,
                                        "steps": [], "homovar": [], "ops": list(rows.values())})
+
+
+def test_compiled_step_rows_divide_by_compiled_fp32(monkeypatch):
+    """``--compile MODE``: every method (not the peer, not the per-layer duplicates) gets a compiled row whose
+    baseline is FP32 compiled alike (DGMS: option-A FP32), with the method's target; the aot_eager backend stands
+    in for Inductor here (no C++ builds)."""
+    import benchmarks.run as br
+    import paperlib.compiled as pc
+
+    real = pc.compile_model
+    monkeypatch.setattr(pc, "compile_model", lambda m, mode, **kw: real(m, mode, **{**kw, "backend": "aot_eager"}))
+    cases = step_cases()
+    keep = ["FP32", "FP32 (option-A shortcut)", "DGMS K=16", "torch.ao QAT 8-bit (peer)"]
+    monkeypatch.setattr(br, "step_cases", lambda: {k: cases[k] for k in keep})
+    rows = {r["case"]: r for r in br.bench_steps(torch.device("cpu"), [8], reps=1, batch=4, compile_mode="default")}
+    assert not [r for r in rows.values() if "error" in r]
+    dgms = rows["DGMS K=16 [compiled, default]"]
+    assert dgms["baseline"] == "FP32 (option-A shortcut) [compiled, default]" and dgms["target"] == 1.6
+    assert rows["FP32 [compiled, default]"]["ratio_vs_fp32"] == 1.0
+    assert "torch.ao QAT 8-bit (peer) [compiled, default]" not in rows and rows["DGMS K=16"]["baseline"] == \
+        "FP32 (option-A shortcut)"
+    with pytest.raises(SystemExit):
+        br.main(["--compile", "fast", "--only", "steps", "--out", "/nonexistent-never-written"])

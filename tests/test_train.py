@@ -158,9 +158,12 @@ def test_fp32_cache_key_ignores_late_fields_at_their_defaults():
 
     train, _ = load_dataset("digits", size=8, channels=1)
     cfg = TrainConfig(epochs=2)
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "crop"}  # the key before `crop` existed
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("crop", "compile")}  # before they existed
     blob = json.dumps({"version": CACHE_VERSION, "model": "resnet8", "kwargs": {}, "cfg": old,
                        "data": train.fingerprint(), "torch": torch.__version__}, sort_keys=True, default=str)
     assert cache_key("resnet8", {}, cfg, train) == hashlib.sha256(blob.encode()).hexdigest()[:20]
     assert cache_key("resnet8", {}, dataclasses.replace(cfg, crop=6), train) != cache_key("resnet8", {}, cfg, train)
     assert cache_key("resnet8", {}, dataclasses.replace(cfg, epochs=3), train) != cache_key("resnet8", {}, cfg, train)
+    # compiling trains the same net: a compiled run reuses the eager run's cache
+    assert cache_key("resnet8", {}, dataclasses.replace(cfg, compile="default"), train) == \
+        cache_key("resnet8", {}, cfg, train)

@@ -122,3 +122,24 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
 def test_resume_needs_out(capsys):
     assert main(["--method", "fp32", "--resume"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_gpu_path_options_reach_training(tmp_path, monkeypatch):
+    """``--amp bf16 --channels-last --compile MODE``: the run trains with them (compile via the aot_eager backend
+    here: no C++ builds) and records them; an unknown compile mode is a usage error."""
+    import paperlib.compiled as pc
+
+    real, modes = pc.compile_model, []
+
+    def aot_eager(model, mode="default", **kw):
+        modes.append(mode)
+        return real(model, mode, **{**kw, "backend": "aot_eager"})
+
+    monkeypatch.setattr(pc, "compile_model", aot_eager)
+    out = tmp_path / "u"
+    assert main(_args("uniform", out, "--amp", "bf16", "--channels-last", "--compile", "reduce-overhead")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert modes == ["reduce-overhead"] and math.isfinite(m["history"][0]["train_loss"])
+    assert (m["args"]["amp"], m["args"]["channels_last"], m["args"]["compile"]) == ("bf16", True, "reduce-overhead")
+    with pytest.raises(SystemExit):
+        main(_args("uniform", out, "--compile", "fast"))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.core import quantized_layers
+from ..quant.core import compiling, quantized_layers
 from ..quant.uniform import check_bits
 from .quant import ACT_RANGE, cdf_space_error
 
@@ -275,7 +275,8 @@ def prox_penalty(
     ``fused=False``, the per-parameter loop.
     """
     params = dict(model.named_parameters())
-    if fused and isinstance(lam, int | float) and not isinstance(lam, bool):
+    # under torch.compile the per-parameter loop (plain ops; the fused path's plan cache keys on ids and versions)
+    if fused and isinstance(lam, int | float) and not isinstance(lam, bool) and not compiling():
         found = _prox_plan(params, old_params, importance)
         if found is not None:
             plan, ordered = found

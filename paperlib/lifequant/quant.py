@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant import native as _native
-from ..quant.core import quantize_model, refuse_double_backward, standardize_flat
+from ..quant.core import compiling, quantize_model, refuse_double_backward, standardize_flat
 from ..quant.core import scalar_operand as _c
 from ..quant.uniform import FULL_PRECISION, check_bits
 
@@ -244,8 +244,9 @@ def quantize_weight(
     float32/float64 in place with an analytic backward: the same values bit for bit and the same gradient
     (to rounding) as ``fused=False``, the plain autograd graph. ``native=None`` (default) runs that fused path
     through the native CPU kernel (:mod:`paperlib.quant.native`) for contiguous CPU float32/float64 tensors: the
-    same ops on the same mean and std, which it sums in float64 (so a weight within an ulp of a rounding
-    boundary may land on the neighbouring level); ``False`` keeps the torch path, ``True`` insists on the kernel.
+    same ops on torch's own ``w.mean()`` / ``w.std()``, so its values equal the torch path's bit for bit;
+    ``False`` keeps the torch path, ``True`` insists on the kernel.
+    Under ``torch.compile`` (:mod:`paperlib.compiled`) the shipped quantizer takes the ``fused=False`` ops.
     """
     _check_name(quantizer, WEIGHT_QUANTIZERS, "quantizer")
     bits = check_bits(bits)
@@ -261,7 +262,7 @@ def quantize_weight(
         if bits == 1:
             scale = w.abs().mean().detach()
             return quantize_k(w / scale, 1) * scale
-        if fused and not clip and w.dtype in _FUSED_DTYPES:
+        if fused and not clip and w.dtype in _FUSED_DTYPES and not compiling():  # compile: plain ops below
             n = 2**bits - 1
             if _native.use_native(native, w):
                 return _native.lifequant_weights([w], bits, float(std))[0]
@@ -296,6 +297,8 @@ def quantize_weights(
         _check_tensor(w, "w", min_numel=2)
     if not ws:
         return []
+    if compiling():  # torch.compile: per tensor on plain torch ops (Inductor fuses each chain)
+        return [quantize_weight(w, bits, std=std) for w in ws]
     if _native.use_native(native, *ws):
         return _native.lifequant_weights(ws, bits, float(std))
     if len({(w.dtype, w.device) for w in ws}) != 1 or ws[0].dtype not in _FUSED_DTYPES:
@@ -329,7 +332,7 @@ def quantize_activation(
     if bits == FULL_PRECISION:
         return x
     if quantizer == "clamp":
-        if fused and bits != 1 and x.dtype in _FUSED_DTYPES:
+        if fused and bits != 1 and x.dtype in _FUSED_DTYPES and not compiling():  # compile: plain ops below
             if x.requires_grad and torch.is_grad_enabled():
                 return _ClampQkFn.apply(x, 2**bits - 1)
             with torch.no_grad():

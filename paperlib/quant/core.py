@@ -14,6 +14,10 @@ call (one autograd node for all of them instead of one per layer) and hands each
 ``quantized_weight`` uses it once and falls back to the layer's own quantizer otherwise (a layer called on its
 own, a weight changed since, a different grad mode). ``quantize_group`` must return what the per-layer
 quantizer returns for each weight (the tests compare them).
+
+Under ``torch.compile`` (:mod:`paperlib.compiled`) the hooks do nothing and every layer quantizes its own weight
+on the quantizer's torch path: Inductor fuses each layer's quantizer chain, and the one-pass stash (a tensor
+kept in ``layer.__dict__``) would make dynamo recompile.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ def ste(x: Tensor, x_q: Tensor) -> Tensor:
 
 
 _SCALARS: dict[tuple[float, torch.dtype], Tensor] = {}
+
+
+def compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compile``): then the quantizers take their plain torch-op
+    paths (no native kernels, no caches of tensors across calls, no hand-written autograd nodes that keep state)."""
+    return torch.compiler.is_compiling()
 
 
 def scalar_operand(value: float, like: Tensor) -> Tensor:
@@ -106,6 +116,8 @@ _GROUPED = "_grouped_weight"  # instance attribute: (quantized weight, latent we
 
 
 def _quantized_weight(layer: nn.Module) -> Tensor:
+    if compiling():  # no stash under compile (the hooks are off): the layer's own quantizer
+        return layer.weight_quantizer(layer.weight)
     stash = layer.__dict__.pop(_GROUPED, None)
     if stash is not None:
         q, w, version, grad = stash
@@ -214,10 +226,13 @@ def quantize_weights_in_one_pass(model: nn.Module) -> int:
 
 
 def _one_pass_pre_hook(model: nn.Module, args: tuple) -> None:
-    quantize_weights_in_one_pass(model)
+    if not compiling():
+        quantize_weights_in_one_pass(model)
 
 
 def _one_pass_post_hook(model: nn.Module, args: tuple, output: object) -> None:
+    if compiling():
+        return
     for m in model.modules():  # results a forward did not use (a layer it skipped) hold a graph: drop them
         m.__dict__.pop(_GROUPED, None)
 

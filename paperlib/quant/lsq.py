@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .core import round_ste
+from .core import compiling, round_ste
 from .uniform import FULL_PRECISION, check_bits
 
 
@@ -84,7 +84,16 @@ class LSQActivation(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.bits == FULL_PRECISION:
             return x
-        if self.training and not getattr(self, "_initialized_seen", False):
+        if self.training and not getattr(self, "_initialized_seen", False) and compiling():
+            # torch.compile: the same initialisation without reading the flag on the host (a graph break):
+            # ``step`` keeps its value where ``initialized`` is already True. The flag flips once, so the next
+            # call compiles the steady-state graph (one recompile, in the second training step)
+            with torch.no_grad():
+                init = lsq_init_step(x, self.bits, self.signed)
+                self.step.copy_(torch.where(self.initialized, self.step, init))
+                self.initialized.fill_(True)
+            self._initialized_seen = True
+        elif self.training and not getattr(self, "_initialized_seen", False):
             if not bool(self.initialized):  # one host read per quantizer, until initialised
                 with torch.no_grad():
                     self.step.copy_(lsq_init_step(x, self.bits, self.signed))
