@@ -16,7 +16,8 @@ Usage::
     model = compile_model(model.to(device), "default", inplace=True)  # call after moving the model
     loss = criterion(model, x, y)  # set_sigma, prox_penalty, CBP.criterion: unchanged
 
-``inplace=True`` compiles the module's ``__call__`` (``nn.Module.compile``): the same object, so criteria that
+``inplace=True`` compiles the module's ``__call__`` (``nn.Module.compile``) and, where the model has one, its
+``forward_features`` (the trunk a criterion such as ClimbQ's HomoVar calls itself): the same object, so criteria that
 identify the model (``CBP.criterion``), use parameter names (``prox_penalty``) or walk its modules keep working,
 and its ``state_dict`` keys do not change; :func:`uncompile` undoes it. ``inplace=False`` (default) returns
 ``torch.compile``'s wrapper (sharing the parameters; its ``state_dict`` keys start with ``_orig_mod.``).
@@ -94,8 +95,17 @@ def compile_model(model: nn.Module, mode: str = "default", *, inplace: bool = Fa
         kwargs.pop("mode")  # modes are Inductor's
     if inplace:
         model.compile(**kwargs)
+        features = getattr(model, "forward_features", None)
+        if callable(features) and "forward_features" not in model.__dict__:
+            # criteria that call the trunk themselves (ClimbQ's HomoVar: fc(forward_features(x))) get it compiled
+            # too: an instance attribute shadowing the method, removed by uncompile
+            model.__dict__["forward_features"] = torch.compile(features, **kwargs)
+            model.__dict__[_FEATURES_MARK] = True
         return model
     return torch.compile(model, **kwargs)
+
+
+_FEATURES_MARK = "_paperlib_compiled_forward_features"
 
 
 def uncompile(model: nn.Module) -> nn.Module:
@@ -105,6 +115,8 @@ def uncompile(model: nn.Module) -> nn.Module:
         return model._orig_mod
     if getattr(model, "_compiled_call_impl", None) is not None:
         model._compiled_call_impl = None
+    if model.__dict__.pop(_FEATURES_MARK, False):
+        model.__dict__.pop("forward_features", None)
     return model
 
 

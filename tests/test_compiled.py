@@ -283,3 +283,38 @@ def test_fit_with_compile_trains_as_eager_and_hands_back_the_eager_module(monkey
         fit(m, train, None, TrainConfig(epochs=1, compile="default"), device="cpu", progress=False)
     with pytest.raises(ValueError, match="compile='fast'.*reduce-overhead"):
         TrainConfig(compile="fast")
+
+
+def test_forward_features_is_compiled_for_criteria_that_call_the_trunk():
+    """ClimbQ's HomoVar criterion calls ``fc(forward_features(x))`` itself, bypassing ``model(x)``: in-place
+    compile covers that trunk too (same values, no graph break), ``model(x)`` still works through it, and
+    ``uncompile`` restores the method."""
+    from paperlib.climbq import ClimbQActivation, ClimbQWeight, HomoVarLoss, batch_sigma, set_sigma
+    from paperlib.models import create_model
+
+    def make():
+        torch.manual_seed(0)
+        net = create_model("resnet8", num_classes=CLASSES, in_channels=3, act_position="pre_relu")
+        return quantize_model(net, weight=lambda _: ClimbQWeight(4, native=False),
+                              activation=lambda: ClimbQActivation(4, native=False), skip=[]).train()
+
+    ref, model = make(), make()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(model, inplace=True, backend="aot_eager", fullgraph=True)
+    assert "forward_features" in model.__dict__
+    hv = HomoVarLoss([40] * CLASSES)
+    for step in range(3):
+        x, y = _batch(step)
+        for m in (ref, model):
+            set_sigma(m, batch_sigma(y, CLASSES))
+        f_ref, f = ref.forward_features(x), model.forward_features(x)
+        _close(f, f_ref, 1e-5, "features")
+        _close(hv(model.fc(f), y, f), hv(ref.fc(f_ref), y, f_ref), 1e-5, "HomoVar loss")
+        _close(model(x), ref(x), 1e-5, "logits")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    uncompile(model)
+    assert "forward_features" not in model.__dict__ and not is_compiled(model)
+    x, _ = _batch(0)
+    _close(model.forward_features(x), ref.forward_features(x), 0.0, "eager again")
