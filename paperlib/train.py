@@ -59,6 +59,10 @@ def show_progress() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+#: environment variable with the default of :attr:`TrainConfig.compile`
+COMPILE_ENV = "PAPERLIB_COMPILE"
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of :func:`fit` (plain data; a notebook preset overrides them)."""
@@ -83,8 +87,9 @@ class TrainConfig:
     #: ``augment``), evaluation the central one (``CenterCrop``); None: the stored size (pad-4 crop if ``augment``)
     crop: int | None = None
     #: ``torch.compile`` the model for training (:mod:`paperlib.compiled`): "none" (eager), "default",
-    #: "reduce-overhead" (CUDA graphs on a GPU), "max-autotune", "max-autotune-no-cudagraphs"
-    compile: str = "none"
+    #: "reduce-overhead" (CUDA graphs on a GPU), "max-autotune", "max-autotune-no-cudagraphs"; the default comes
+    #: from ``$PAPERLIB_COMPILE`` (unset: "none"), so a whole ``reproduce --preset paper`` run can compile
+    compile: str = field(default_factory=lambda: os.environ.get(COMPILE_ENV, "none") or "none")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -100,8 +105,10 @@ class TrainConfig:
         from .compiled import MODES
 
         if self.compile not in ("none", *MODES):
-            raise ValueError(f"compile={self.compile!r}: use 'none' (eager) or one of {list(MODES)} (torch.compile's "
-                             "modes; 'reduce-overhead' adds CUDA graphs on a GPU)")
+            env = os.environ.get(COMPILE_ENV)
+            where = f" (from ${COMPILE_ENV}={env!r})" if env == self.compile else ""
+            raise ValueError(f"compile={self.compile!r}{where}: use 'none' (eager) or one of {list(MODES)} "
+                             "(torch.compile's modes; 'reduce-overhead' adds CUDA graphs on a GPU)")
         if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
             raise ValueError(f"crop={self.crop!r}: give the network's input side (an int >= 1, e.g. 224 for images "
                              "stored at 256) or None (the stored size)")

@@ -318,3 +318,15 @@ def test_forward_features_is_compiled_for_criteria_that_call_the_trunk():
     assert "forward_features" not in model.__dict__ and not is_compiled(model)
     x, _ = _batch(0)
     _close(model.forward_features(x), ref.forward_features(x), 0.0, "eager again")
+
+
+def test_compile_default_comes_from_the_environment(monkeypatch):
+    from paperlib.train import COMPILE_ENV, TrainConfig
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert TrainConfig().compile == "none"
+    monkeypatch.setenv(COMPILE_ENV, "reduce-overhead")
+    assert TrainConfig().compile == "reduce-overhead" and TrainConfig(compile="none").compile == "none"
+    monkeypatch.setenv(COMPILE_ENV, "turbo")
+    with pytest.raises(ValueError, match=r"compile='turbo' \(from \$PAPERLIB_COMPILE='turbo'\)"):
+        TrainConfig()
