@@ -260,6 +260,32 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     "lsq_init": [ddp["lsq_init"], single["lsq_init"]],
                 }
             pdist.barrier()
+        # (g) DDP with the model compiled ($PAPERLIB_COMPILE; aot_eager stands in for Inductor: no C++ builds)
+        import paperlib.compiled as pc
+
+        real, modes = pc.compile_model, []
+
+        def aot_eager(m, mode="default", **kw):
+            modes.append(mode)
+            return real(m, mode, **{**kw, "backend": "aot_eager"})
+
+        from paperlib.quant import native as qnative
+
+        # compiled, the quantizers take their torch paths: compare with eager on those (the native kernels' exact
+        # levels flip a few activations against torch's erf, which 3 steps at lr 0.1 amplify to ~0.1)
+        kept = dict(qnative._state)
+        qnative._state.update(lib=None, error="off: the eager reference of the compiled (torch-path) run")
+        try:
+            eager = _fit_case("climbq", train, test, True)
+            pc.compile_model, os.environ["PAPERLIB_COMPILE"] = aot_eager, "default"
+            compiled = _fit_case("climbq", train, test, True)
+        finally:
+            pc.compile_model = real
+            os.environ.pop("PAPERLIB_COMPILE", None)
+            qnative._state.clear()
+            qnative._state.update(kept)
+        report["compiled"] = {"modes": modes, "train_loss": [compiled["train_loss"], eager["train_loss"]],
+                              "param_maxdiff": float((compiled["params"] - eager["params"]).abs().max())}
         # (d) CBP λ across ranks (train-mode BN, 3 epochs: events and λ steps happen)
         from paperlib.cbp import CBP
         from paperlib.train import TrainConfig, fit
@@ -327,6 +353,16 @@ def test_ddp_step_equals_single_process(spawned, method):
     if method == "climbq":  # HomoVar's class weights come from the global batch, as in one process
         w_ddp, w_one = r["hv_weights"]
         assert w_ddp == pytest.approx(w_one, rel=REL)
+
+
+def test_ddp_with_a_compiled_model_equals_eager_ddp(spawned):
+    """TrainConfig.compile under DDP (ClimbQ + global HomoVar, whose criterion calls the compiled trunk itself):
+    the same training as eager DDP, to float rounding of the traced graphs."""
+    _, rep = spawned
+    r = rep["compiled"]
+    assert r["modes"] == ["default"]
+    assert r["param_maxdiff"] <= PARAM_ATOL, r
+    assert r["train_loss"][0] == pytest.approx(r["train_loss"][1], rel=REL)
 
 
 def test_cbp_lambda_equal_across_ranks(spawned):
