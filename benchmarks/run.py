@@ -196,6 +196,14 @@ def bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int = 
     apply to those rows too (on a GPU, the compiled step is the fast one)."""
     from paperlib.compiled import compile_model
 
+    # every case compiles the same ResNet forward code: dynamo's per-code-object limit (8 graphs) would make the
+    # later cases fall back to eager
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+        return _bench_steps(device, sizes, reps, batch, compile_mode, compile_model)
+
+
+def _bench_steps(device: torch.device, sizes: list[int], reps: int, batch: int, compile_mode: str,
+                 compile_model: Callable[..., nn.Module]) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
         x = torch.randn(batch, 3, size, size, device=device)

@@ -371,7 +371,9 @@ def fit(
 
     ``config.compile`` (not "none"): the model is compiled in place for the run
     (:func:`paperlib.compiled.compile_model`; lazy, at the first step; train and eval graphs compile once each,
-    and once more for a partial last batch) and handed back eager when ``fit`` returns or raises. A criterion
+    and once more for a partial last batch) and handed back eager when ``fit`` returns or raises, when the
+    process's compiled graphs are released (``torch.compiler.reset()``: other compiled functions recompile at
+    their next call). A criterion
     that calls submodules itself (``model.forward_features``, ``model.fc``) runs those parts eagerly.
 
     ``sync_batchnorm``: under DDP, train with every BN layer converted to ``torch.nn.SyncBatchNorm`` (batch
@@ -398,6 +400,9 @@ def fit(
                               resume, progress, ddp, find_unused_parameters, sync_batchnorm)
     finally:
         uncompile(model)  # the caller gets the eager module back, also when training raised
+        # and the compiled graphs go: a process that trains model after model (a notebook's methods x seeds) would
+        # otherwise pile up graphs on the same forward code until dynamo's recompile limit makes it run eagerly
+        torch.compiler.reset()
 
 
 def _fit_ddp_modes(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | Iterable | None,

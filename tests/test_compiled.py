@@ -330,3 +330,26 @@ def test_compile_default_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(COMPILE_ENV, "turbo")
     with pytest.raises(ValueError, match=r"compile='turbo' \(from \$PAPERLIB_COMPILE='turbo'\)"):
         TrainConfig()
+
+
+def test_fit_after_fit_keeps_compiling(monkeypatch):
+    """A notebook trains model after model in one process; without releasing the graphs after each ``fit``, the
+    shared forward code reaches dynamo's recompile limit (8) and later models silently train eagerly."""
+    import paperlib.compiled as pc
+    from paperlib.train import TrainConfig, fit
+
+    real, traced = pc.compile_model, []
+
+    def counting_backend(gm, example_inputs):
+        traced[-1] += 1
+        return gm.forward
+
+    monkeypatch.setattr(pc, "compile_model", lambda m, mode="default", **kw: real(m, mode, **{**kw,
+                                                                                          "backend": counting_backend}))
+    train, test = _digits_subset()
+    for seed in range(5):
+        traced.append(0)
+        torch.manual_seed(seed)
+        fit(TinyNet(), train.subset(torch.arange(96)), test.subset(torch.arange(40)),
+            TrainConfig(epochs=1, batch_size=64, eval_batch_size=32, compile="default"), device="cpu", progress=False)
+    assert all(n >= 2 for n in traced), traced  # train graph(s) and eval graph(s) compiled in every fit
