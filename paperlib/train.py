@@ -373,8 +373,8 @@ def fit(
     (:func:`paperlib.compiled.compile_model`; lazy, at the first step; train and eval graphs compile once each,
     and once more for a partial last batch) and handed back eager when ``fit`` returns or raises, when the
     process's compiled graphs are released (``torch.compiler.reset()``: other compiled functions recompile at
-    their next call). A criterion
-    that calls submodules itself (``model.forward_features``, ``model.fc``) runs those parts eagerly.
+    their next call). A criterion that calls ``model.forward_features`` itself (ClimbQ's HomoVar) gets that
+    trunk compiled too; other submodules it calls directly (``model.fc``) run eagerly.
 
     ``sync_batchnorm``: under DDP, train with every BN layer converted to ``torch.nn.SyncBatchNorm`` (batch
     statistics of the global batch, as in one process); the model gets its own BN modules back, holding the

@@ -413,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _gpu_options(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig options of the GPU path (``--amp``, ``--channels-last``, ``--compile``)."""
-    return {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+    opts = {"amp": args.amp, "channels_last": args.channels_last}
+    return opts if args.compile is None else {**opts, "compile": args.compile}  # None: $PAPERLIB_COMPILE
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -460,8 +461,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--cbp-mode", default=None, choices=["bin", "ter", "1bit", "2bit"])
     p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast the training forward")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convolutions on GPUs)")
-    p.add_argument("--compile", default="none", choices=["none", *compile_modes],
-                   help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU); CPU: eager is as fast")
+    p.add_argument("--compile", default=None, choices=["none", *compile_modes],
+                   help="torch.compile the model (reduce-overhead: CUDA graphs on a GPU; on a CPU eager is as fast); "
+                        "default: $PAPERLIB_COMPILE, else none")
     return p
 
 

@@ -141,5 +141,7 @@ def test_gpu_path_options_reach_training(tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     assert modes == ["reduce-overhead"] and math.isfinite(m["history"][0]["train_loss"])
     assert (m["args"]["amp"], m["args"]["channels_last"], m["args"]["compile"]) == ("bf16", True, "reduce-overhead")
+    monkeypatch.setenv("PAPERLIB_COMPILE", "default")  # no --compile: the environment's default, as TrainConfig's
+    assert main(_args("uniform", tmp_path / "env")) == 0 and modes == ["reduce-overhead", "default"]
     with pytest.raises(SystemExit):
         main(_args("uniform", out, "--compile", "fast"))

@@ -96,15 +96,21 @@ def random_crop_flip(
         )
     if oh < ph or ow < pw:
         return _crop_flip(x, generator, padding, flip, fill, oh, ow)
-    out = x
-    if padding > 0:  # size = the padded size: the whole padded image, no offsets to draw
-        out = _fill_tensor(fill, c, x).expand(n, c, ph, pw).clone()
-        out[:, :, padding : padding + h, padding : padding + w] = x
-        x = out
+    padded = _pad(x, padding, fill)  # the crop is the whole padded image: no offsets to draw
     if flip:
         flip_bits = torch.randint(0, 2, (n,), generator=generator).to(device=x.device, dtype=torch.bool)
-        return torch.where(flip_bits.view(n, 1, 1, 1), x.flip(3), x)
-    return x if padding > 0 else x.clone()
+        return torch.where(flip_bits.view(n, 1, 1, 1), padded.flip(3), padded)
+    return padded if padding > 0 else x.clone()
+
+
+def _pad(x: Tensor, padding: int, fill: float | Sequence[float] | Tensor) -> Tensor:
+    """``x`` padded by ``padding`` on every side with ``fill`` (a new tensor), or ``x`` itself for 0."""
+    if padding == 0:
+        return x
+    n, c, h, w = x.shape
+    padded = _fill_tensor(fill, c, x).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+    padded[:, :, padding : padding + h, padding : padding + w] = x
+    return padded
 
 
 def _crop_flip(x: Tensor, generator: torch.Generator, padding: int, flip: bool,
@@ -114,11 +120,7 @@ def _crop_flip(x: Tensor, generator: torch.Generator, padding: int, flip: bool,
     ph, pw = h + 2 * padding, w + 2 * padding
     dy = torch.randint(0, ph - oh + 1, (n,), generator=generator).to(x.device)
     dx = torch.randint(0, pw - ow + 1, (n,), generator=generator).to(x.device)
-    if padding > 0:
-        padded = _fill_tensor(fill, c, x).expand(n, c, ph, pw).clone()
-        padded[:, :, padding : padding + h, padding : padding + w] = x
-    else:
-        padded = x
+    padded = _pad(x, padding, fill)
     rows = dy.view(n, 1, 1, 1) + torch.arange(oh, device=x.device).view(1, 1, oh, 1)  # [N,1,oh,1]
     out = padded.gather(2, rows.expand(n, c, oh, pw))  # [N, C, oh, W+2p]
     cols = dx.view(n, 1, 1, 1) + torch.arange(ow, device=x.device).view(1, 1, 1, ow)  # [N,1,1,ow]

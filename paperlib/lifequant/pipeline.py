@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.augment import center_crop, train_augment
+from ..data.cifar import CIFAR_STATS
+from ..data.manifest import IMAGENET_MEAN, IMAGENET_STD
 from ..data.tensors import InMemoryData, TensorLoader
 from ..models import create_model, load_weights
 from ..presets import register_presets
@@ -734,10 +736,7 @@ def load_domain_data(root: str | Path, dataset: str, size: int, device: torch.de
 
 #: named normalisations an experiment's ``"normalize"`` may give (else ``[[mean per channel], [std per channel]]``)
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD), **CIFAR_STATS}
 #: the constants of the LifeQuant code for CIFAR-100 (spec §1.6: ``Normalize((.4914, .4822, .4465), (.2023,
 #: .1994, .2010))``, CIFAR-10's statistics, in both CIFAR-100 variants), as the paper preset's ``"normalize"``
 CODE_CIFAR_NORMALIZE: list[list[float]] = [list(m) for m in NORMALIZATIONS["cifar10"]]
