@@ -11,14 +11,21 @@ Each experiment module registers its table with :func:`register_presets`; a note
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 PRESET_NAMES = ("smoke", "default", "paper")
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+VALIDATORS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
-def register_presets(notebook: str, table: dict[str, dict[str, Any]]) -> None:
-    """Register ``{preset: settings}`` for ``notebook``; every preset must be given, with the same keys."""
+def register_presets(notebook: str, table: dict[str, dict[str, Any]],
+                     validate: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Register ``{preset: settings}`` for ``notebook``; every preset must be given, with the same keys.
+
+    ``validate(cfg)``, when given, checks the ranges of a resolved configuration and raises ``ValueError``
+    naming the setting and its valid range; :func:`check_settings` calls it before any work starts.
+    """
     missing = [p for p in PRESET_NAMES if p not in table]
     if missing:
         raise ValueError(f"presets of {notebook} lack {missing}")
@@ -26,6 +33,8 @@ def register_presets(notebook: str, table: dict[str, dict[str, Any]]) -> None:
     if len({frozenset(k) for k in keys.values()}) != 1:
         raise ValueError(f"presets of {notebook} must have the same settings: {keys}")
     PRESETS[notebook] = table
+    if validate is not None:
+        VALIDATORS[notebook] = validate
 
 
 def resolve(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
@@ -62,3 +71,46 @@ def is_unset(value: Any) -> bool:
     if isinstance(value, str | list | tuple | dict):
         return len(value) == 0
     return False
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number" if isinstance(value, float) else "int"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "dict"
+    return "any"
+
+
+def _check_type(notebook: str, key: str, value: Any, like: Any) -> None:
+    """``value`` must have the type of the preset's own value ``like`` (ints where ints, lists where lists)."""
+    want, got = _kind(like), _kind(value)
+    ok = (want == "any" or got == want or (want == "number" and got == "int"))
+    if not ok:
+        raise ValueError(f"{notebook}: {key}={value!r:.60} must be {_WORDS[want]} like the preset's "
+                         f"{like!r:.60}")
+    if want == "list" and like and value:
+        for item in value:
+            _check_type(notebook, f"{key}[...]", item, like[0])
+
+
+_WORDS = {"bool": "True or False", "int": "an integer", "number": "a number", "str": "a string",
+          "list": "a list", "dict": "a dict", "any": "a value"}
+
+
+def check_settings(notebook: str, preset: str, **overrides: Any) -> dict[str, Any]:
+    """:func:`resolve`, then check every set override's type against the preset's own value and the
+    notebook's registered range check; a ``ValueError`` names the setting. Returns the resolved settings."""
+    cfg = resolve(notebook, preset, **overrides)
+    table = PRESETS[notebook][preset]
+    for key, value in overrides.items():
+        if not is_unset(value):
+            _check_type(notebook, key, value, table[key])
+    if notebook in VALIDATORS:
+        VALIDATORS[notebook](cfg)
+    return cfg

@@ -200,3 +200,27 @@ def test_quickstart_notebook_runs_with_qat_epochs_0(run_dirs):
     assert m["config"]["qat_epochs"] == 0 and m["config"]["fp_epochs"] == 4  # None: the preset's
     assert all(h == [] for h in m["history"].values()) and len(m["history"]) == 2
     assert read_json(res.run_dir / "manifest.json")["parameters"]["qat_epochs"] == 0
+
+
+def test_check_settings_types_and_registered_ranges():
+    from paperlib import presets
+
+    def ranges(cfg):
+        if any(g < 1 for g in cfg["gammas"]):
+            raise ValueError(f"gammas={cfg['gammas']}: every imbalance ratio must be >= 1")
+
+    presets.register_presets("_t", {p: {"seeds": [0, 1], "gammas": [10.0], "lr": 0.1, "name": "x"}
+                                    for p in presets.PRESET_NAMES}, validate=ranges)
+    try:
+        assert presets.check_settings("_t", "smoke", seeds=[3], lr=1)["lr"] == 1
+        with pytest.raises(ValueError, match=r"seeds\[...\]='abc' must be an integer"):
+            presets.check_settings("_t", "smoke", seeds=["abc"])
+        with pytest.raises(ValueError, match="gammas=5 must be a list"):
+            presets.check_settings("_t", "smoke", gammas=5)
+        with pytest.raises(ValueError, match="must be >= 1"):
+            presets.check_settings("_t", "smoke", gammas=[0.5])
+        with pytest.raises(ValueError, match="True or False|integer"):
+            presets.check_settings("_t", "smoke", seeds=[True])
+    finally:
+        presets.PRESETS.pop("_t")
+        presets.VALIDATORS.pop("_t")
