@@ -174,14 +174,18 @@ def vacuous(*sides: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)) -
 
 
 # -------------------------------------------------------------------------------------- claim builders
-def _fmt(x: float | None, digits: int) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+def _fmt(x: float | None, digits: int, signed: bool = True) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _measured(label: str, effect: float, lo: float, hi: float, n: int, unit: str, digits: int) -> str:
-    ci = f"95 % CI [{_fmt(lo, digits)}, {_fmt(hi, digits)}]" if n >= 2 else "no CI (n < 2)"
-    u = f" {unit}" if unit else ""
-    return f"{label} = {_fmt(effect, digits)}{u}, {ci}, n = {n}"
+def _measured(label: str, effect: float, lo: float, hi: float, n: int, unit: str, digits: int,
+              signed: bool = True) -> str:
+    f = lambda x: _fmt(x, digits, signed)  # noqa: E731
+    ci = f"95 % CI [{f(lo)}, {f(hi)}]" if n >= 2 else "no CI (n < 2)"
+    u = "" if not unit else unit if unit == "x" else f" {unit}"
+    return f"{label} = {f(effect)}{u}, {ci}, n = {n}"
 
 
 def _nan_none(x: float) -> float | None:
@@ -197,7 +201,7 @@ def interval_claim(id: str, claim: str, source: str, direction: Direction, expec
     notes = [vacuous_reason and f"vacuous: {vacuous_reason}",
              n < 2 and f"n = {n}: at least 2 seeds are needed for an interval", note]
     return Claim(id=id, claim=claim, source=source, direction=direction, expected=expected,
-                 measured=_measured(label, effect, ci_low, ci_high, n, unit, digits),
+                 measured=_measured(label, effect, ci_low, ci_high, n, unit, digits, signed=null == 0),
                  effect=_nan_none(effect), ci_low=_nan_none(ci_low), ci_high=_nan_none(ci_high), n=int(n),
                  margin=None if margin is None else float(margin), verdict=v, unit=unit,
                  note="; ".join(s for s in notes if s))

@@ -7,13 +7,16 @@ notebook shows as a table and the figure functions draw.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from . import claims
 from .data.load import load_dataset
 from .device import cpu_threads
 from .models import create_model
@@ -27,13 +30,31 @@ register_presets("00_quickstart", {
     "smoke": {"dataset": "digits", "image_size": 8, "seeds": [0], "fp_epochs": 4, "qat_epochs": 2,
               "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False,
               "threads": 1},
-    "default": {"dataset": "digits", "image_size": 8, "seeds": [0, 1, 2], "fp_epochs": 15, "qat_epochs": 8,
+    "default": {"dataset": "digits", "image_size": 8, "seeds": [0, 1, 2, 3, 4], "fp_epochs": 15, "qat_epochs": 8,
                 "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.02, "bits": [4, 2], "act_clip": 4.0, "augment": False,
                 "threads": 1},
     "paper": {"dataset": "cifar10", "image_size": 32, "seeds": [0, 1, 2], "fp_epochs": 200, "qat_epochs": 100,
               "batch_size": 128, "fp_lr": 0.1, "qat_lr": 0.01, "bits": [4, 2], "act_clip": 4.0, "augment": True,
               "threads": 0},
-})
+}, validate=lambda cfg: validate_settings(cfg))
+
+
+def validate_settings(cfg: dict[str, Any]) -> None:
+    """The quickstart's range checks (before any work): seeds, epochs, bits, learning rates, batch size."""
+    seeds = cfg["seeds"]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds={seeds!r}: a non-empty list of integers, e.g. [0, 1, 2, 3, 4]")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds!r}: repeated seeds would pair a run with itself")
+    check_epochs(cfg)
+    if not cfg["bits"] or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8 for b in cfg["bits"]):
+        raise ValueError(f"bits={cfg['bits']!r}: a non-empty list of integers in 1..8")
+    for key in ("fp_lr", "qat_lr", "act_clip"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{key}={v!r}: a finite number > 0")
+    if isinstance(cfg["batch_size"], bool) or not isinstance(cfg["batch_size"], int) or cfg["batch_size"] < 1:
+        raise ValueError(f"batch_size={cfg['batch_size']!r}: an integer >= 1")
 
 
 def uniform_qat(model: nn.Module, bits: int, act_clip: float = 1.0) -> nn.Module:
@@ -68,7 +89,7 @@ def run_quickstart(cfg: dict[str, Any], device: str = "auto", data_dir: str = ""
     FP32 network without fine-tuning (see :func:`check_epochs`). ``runs_root`` locates the FP32 cache
     (``<runs_root>/_cache``, as the other drivers; None: the project's ``runs/_cache``); the notebook passes
     ``paperlib.runs.runs_root_of(output_dir)``, the runs root the harness writes to."""
-    check_epochs(cfg)
+    validate_settings(cfg)
     cache_dir = Path(runs_root) / "_cache" if runs_root else None
     with cpu_threads(cfg["threads"]):
         return _run_quickstart(cfg, device, data_dir, progress, cache_dir)
@@ -99,7 +120,8 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
                   "act_position": "post_relu"}
         model, report = _fp32_start(cfg, kwargs, train, test, seed, dev, progress, cache_dir)
         rows.append({"seed": seed, "method": "FP32", "bits": 32, "top1": report["top1"],
-                     "balanced_accuracy": report["balanced_accuracy"]})
+                     "balanced_accuracy": report["balanced_accuracy"],
+                     "per_class_accuracy": report["per_class_accuracy"]})
         for bits in cfg["bits"]:
             q = uniform_qat(model, bits, cfg["act_clip"])
             history: list[dict[str, Any]] = []
@@ -110,14 +132,16 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
             final = evaluate(q, test)
             name = f"uniform W{bits}A{bits}"
             rows.append({"seed": seed, "method": name, "bits": bits, "top1": final["top1"],
-                         "balanced_accuracy": final["balanced_accuracy"]})
+                         "balanced_accuracy": final["balanced_accuracy"],
+                         "per_class_accuracy": final["per_class_accuracy"]})
             histories[f"{name}/seed{seed}"] = history
     per_seed = pd.DataFrame(rows)
     summary = summarize(per_seed, "method", ["top1", "balanced_accuracy"])
     fp = summary.loc[summary["method"] == "FP32", "top1_mean"].item()
-    return {
+    metrics = {
         "dataset": cfg["dataset"],
         "num_classes": train.num_classes,
+        "class_names": [str(c) for c in getattr(train, "classes", None) or range(train.num_classes)],
         "device": str(dev),
         "data_fingerprint": train.fingerprint(),
         "seeds": list(cfg["seeds"]),
@@ -127,6 +151,8 @@ def _run_quickstart(cfg: dict[str, Any], device: str, data_dir: str, progress: b
         "history": histories,
         "key_metric": {"name": "FP32 top-1", "value": fp},
     }
+    metrics["claims"] = claims.as_records(check_claims(metrics))
+    return metrics
 
 
 def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -141,26 +167,73 @@ def summary_table(metrics: dict[str, Any]) -> pd.DataFrame:
     })
 
 
-def check_expectations(metrics: dict[str, Any], tolerance: float = 0.02) -> pd.DataFrame:
-    """What held and what did not, computed from the metrics: the usual QAT expectations on digits.
+def _per_seed(metrics: dict[str, Any], method: str) -> list[float]:
+    """Top-1 of ``method``, one value per seed in the order of ``metrics["seeds"]`` (pairs runs by seed)."""
+    by_seed = {r["seed"]: r["top1"] for r in metrics["per_seed"] if r["method"] == method}
+    return [by_seed[s] for s in metrics["seeds"] if s in by_seed]
 
-    1. uniform W4A4 stays within ``tolerance`` (top-1, absolute) of FP32;
-    2. W2A2 is no better than W4A4 (fewer levels, less capacity);
-    3. every quantized model beats chance (1 / number of classes) by a wide margin (x5).
+
+SOURCE = "common QAT expectation (DoReFa-Net, Zhou et al. 2016, Sec. 4), not a paper claim reproduced here"
+
+
+def check_claims(metrics: dict[str, Any], margin_points: float = 2.0) -> list[claims.Claim]:
+    """The usual QAT expectations, judged by :mod:`paperlib.claims` on runs paired by seed.
+
+    1. uniform W4A4 costs at most ``margin_points`` points of top-1 against FP32 (no-harm claim, margin);
+    2. W2A2 is less accurate than W4A4 (fewer levels, less capacity);
+    3. the worst quantized model is far above chance: top-1 > 5 x chance (1 / number of classes).
     """
-    s = {row["method"]: row["top1_mean"] for row in metrics["summary"]}
-    fp, w4, w2 = s.get("FP32"), s.get("uniform W4A4"), s.get("uniform W2A2")
+    methods = {r["method"] for r in metrics["per_seed"]}
+    out = []
+    fp, w4, w2 = (_per_seed(metrics, m) for m in ("FP32", "uniform W4A4", "uniform W2A2"))
+    c1 = ("1", f"uniform W4A4 stays within {margin_points:g} points of FP32", SOURCE, "increase",
+          f"W4A4 - FP32 > -{margin_points:g} points")
+    if fp and w4:
+        out.append(claims.paired(*c1, w4, fp, scale=100, unit="points", label="W4A4 - FP32", margin=margin_points))
+    else:
+        out.append(claims.not_measured(*c1, "W4A4 or FP32 not run"))
+    c2 = ("2", "W2A2 is less accurate than W4A4", SOURCE, "decrease", "W2A2 - W4A4 < 0")
+    if w4 and w2:
+        out.append(claims.paired(*c2, w2, w4, scale=100, unit="points", label="W2A2 - W4A4"))
+    else:
+        out.append(claims.not_measured(*c2, "W2A2 or W4A4 not run"))
     chance = 1 / metrics["num_classes"]
-    rows = []
-    if fp is not None and w4 is not None:
-        rows.append({"expectation": f"W4A4 within {100 * tolerance:.0f} points of FP32", "held": fp - w4 <= tolerance,
-                     "measured": f"{100 * (w4 - fp):+.1f} points"})
-    if w4 is not None and w2 is not None:
-        rows.append({"expectation": "W2A2 no better than W4A4", "held": w2 <= w4,
-                     "measured": f"{100 * (w2 - w4):+.1f} points"})
-    quantized = {k: v for k, v in s.items() if k != "FP32"}
+    quantized = sorted(m for m in methods if m != "FP32")
+    c3 = ("3", "every quantized model is far above chance", SOURCE, "increase",
+          f"top-1 of the worst quantized model > 5 x chance = {500 * chance:.0f} %")
     if quantized:
-        worst = min(quantized.values())
-        rows.append({"expectation": "every quantized model far above chance (x5)", "held": worst >= 5 * chance,
-                     "measured": f"worst {100 * worst:.1f} % vs chance {100 * chance:.0f} %"})
-    return pd.DataFrame(rows)
+        worst = min(quantized, key=lambda m: float(np.mean(_per_seed(metrics, m))))
+        out.append(claims.one_sample(*c3, _per_seed(metrics, worst), null=5 * chance, scale=100, unit="%",
+                                     label=f"top-1 of {worst}", note=f"effect is the top-1 itself, against "
+                                     f"{500 * chance:.0f} %"))
+    else:
+        out.append(claims.not_measured(*c3, "no quantized model run"))
+    return out
+
+
+def findings(metrics: dict[str, Any]) -> str:
+    """The notebook's "What we found" paragraph, from the numbers (markdown)."""
+    recs = claims.from_records(metrics["claims"])
+    s = {r["method"]: r for r in metrics["summary"]}
+    n = len(metrics["seeds"])
+    fp = s["FP32"]["top1_mean"]
+    parts = [f"On {metrics['dataset']} ({n} seed{'s' if n != 1 else ''}), FP32 ResNet-20 reaches "
+             f"{100 * fp:.1f} % top-1."]
+    for name, row in s.items():
+        if name != "FP32":
+            parts.append(f"{name} reaches {100 * row['top1_mean']:.1f} % ({100 * (row['top1_mean'] - fp):+.1f} "
+                         "points against FP32).")
+    parts.append(claims.summary_sentence(recs))
+    bad = [c for c in recs if c.verdict == "not held"]
+    if bad:
+        parts.append("Not held: " + "; ".join(f"{c.id}. {c.claim} ({c.measured})" for c in bad) + ".")
+    if n < 2:
+        parts.append("With one seed there is no confidence interval, so every comparison is undecidable: run "
+                     "the default preset (5 seeds) for verdicts.")
+    return " ".join(parts)
+
+
+def check_expectations(metrics: dict[str, Any], tolerance: float = 0.02) -> pd.DataFrame:
+    """:func:`check_claims` as a table (one row per claim, :data:`paperlib.claims.COLUMNS`); ``tolerance`` is the
+    W4A4 no-harm margin as a fraction of top-1 (0.02 = 2 points)."""
+    return claims.claims_table(check_claims(metrics, margin_points=100 * tolerance))

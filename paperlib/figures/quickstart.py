@@ -32,3 +32,19 @@ def quickstart_accuracy(metrics: dict[str, Any]) -> Figure:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+@register_figure("00_quickstart", "quickstart_per_class")
+def quickstart_per_class(metrics: dict[str, Any]) -> Figure:
+    """Per-class test accuracy of every method (mean over seeds, 95 % CI): where quantization loses."""
+    from .per_class import per_class_accuracy_figure
+
+    per: dict[str, list[list[float]]] = {}
+    for r in metrics["per_seed"]:
+        if "per_class_accuracy" in r:
+            per.setdefault(r["method"], []).append(r["per_class_accuracy"])
+    if not per:  # a run recorded before per-class numbers were stored
+        fig = Figure(figsize=(4, 1))
+        fig.text(0.5, 0.5, "no per-class numbers in this run", ha="center", va="center")
+        return fig
+    return per_class_accuracy_figure(per, metrics.get("class_names"), xlabel=f"{metrics.get('dataset', '')} class")
