@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks, measured as ratios in one run (issue 9).
+"""Speed and memory benchmarks, measured as ratios in one run.
 
 ``python -m benchmarks.run [--quick] [--device D]`` writes ``benchmarks/results.json`` and
 ``benchmarks/results.md``:
@@ -11,12 +11,13 @@
 - the HomoVar loss against the original's dense [B, K, D] formulation (time and peak memory);
 - kernel launches: the ATen ops of one train step per method on the PyTorch paths (those a GPU runs), the
   measure a launch-bound GPU step follows, countable on a CPU;
-- DGMS memory: the peak memory of one ResNet-18 train step at K=16 on a 224 px batch against FP32 (issue 8);
+- DGMS memory: the peak memory of one ResNet-18 train step at K=16 on a 224 px batch against FP32;
 - the GPU path (only on CUDA): ``fit`` throughput of ResNet-20 at 32x32 in FP32 and with bf16 autocast +
   ``channels_last``, data resident on the GPU;
 - end-to-end: wall time of ``reproduce`` per notebook at the smoke and default presets (``--e2e``).
 
-Median of several repetitions after warm-up. Targets from the issue are checked and reported, never asserted.
+Median of several repetitions after warm-up. The project's step-time targets (``TARGETS``, as multiples of the
+FP32 step) are checked and reported, never asserted.
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def _peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | None]
 
 
 def dense_homovar(logits, labels, features, counts, alpha=0.05, beta=0.999):
-    """The original ``lt_loss.py`` formulation: a dense [B, K, D] mask tensor (spec §1.4), for comparison."""
+    """The original ``lt_loss.py`` formulation: a dense [B, K, D] mask tensor, for comparison."""
     from scipy import stats
 
     b, k = logits.shape
@@ -447,7 +448,7 @@ def _resnet18_step(name: str, device: torch.device, batch: int, reps: int) -> di
 
 
 def bench_dgms_memory(device: torch.device, batch: int, reps: int) -> list[dict[str, Any]]:
-    """Peak memory and time of one ResNet-18 (1000 classes) train step at 224 px: FP32 vs DGMS K=16 (issue 8).
+    """Peak memory and time of one ResNet-18 (1000 classes) train step at 224 px: FP32 vs DGMS K=16.
 
     The peak is the memory a step needs above what model, optimizer and batch already hold: the CUDA
     allocator's peak, or on CPU the growth of the peak RSS of a fresh process per case. DGMS keeps at most one

@@ -1,4 +1,4 @@
-"""``torch.compile`` for the quantized models of every paper (issue 9, GPU path).
+"""``torch.compile`` for the quantized models of every paper (the GPU path).
 
 On a GPU a batch-128 ResNet-20 train step is bound by kernel launches (``benchmarks/results-h100.md``), and the
 quantizers add 3-4x FP32's op count. Compiled, Inductor fuses each quantizer's elementwise chain (and the

@@ -1,4 +1,4 @@
-"""Native CPU kernels (issue 9): compile a C source of this package once per machine and CPU, cache the shared
+"""Native CPU kernels: compile a C source of this package once per machine and CPU, cache the shared
 library, load it with ctypes.
 
 The sources sit beside this module (``dgms_kernel.c``, ``quant_kernel.c`` and the ``native_math.h`` they share)

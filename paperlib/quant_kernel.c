@@ -1,4 +1,4 @@
-/* paperlib.quant native CPU kernels (issue 9): the per-tensor standardising weight quantizers of ClimbQ (Gaussian
+/* paperlib.quant native CPU kernels: the per-tensor standardising weight quantizers of ClimbQ (Gaussian
    CDF levels) and LifeQuant ("standardize"), many tensors per call, and ClimbQ's activation quantizer.
 
    Weights arrive as arrays of data pointers and sizes (one entry per layer): nothing is concatenated. Work is cut

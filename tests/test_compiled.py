@@ -1,4 +1,4 @@
-"""``torch.compile`` of every method's train step (issue 9, GPU path): no graph breaks, no recompiles after
+"""``torch.compile`` of every method's train step (the GPU path): no graph breaks, no recompiles after
 warm-up over batches with changing labels, and the compiled step's values and gradients equal the eager torch
 path's (``native=False``: what a GPU runs eagerly).
 

@@ -1,5 +1,6 @@
-"""The fused ClimbQ / LifeQuant quantizers and the fused ProxQ penalty (issue 9) against straightforward
-references kept here: the original float ops on the plain autograd path (transcribed from the spec's code).
+"""The fused ClimbQ / LifeQuant quantizers and the fused ProxQ penalty against straightforward
+references kept here: the original float ops on the plain autograd path (transcribed from the original code:
+``model/quantization.py`` of ClimbQ and LifeQuant, the penalty from LifeQuant's ``utils/lifelong.py``).
 
 Forward values must be bit-identical, gradients equal to the reference's within 1e-5 (float32) or tightly in
 float64, the penalty within 1e-6 relative.
@@ -277,7 +278,9 @@ def test_lifequant_weight_fused_is_bit_identical_with_the_same_gradient(dtype, b
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-def test_lifequant_weight_tv1_gradient_with_the_fused_path():
+def test_lifequant_weight_reference_vector_gradient_with_the_fused_path():
+    """Reference vector: the gradient computed with the original code's ``weight_quantize_fn`` (LifeQuant,
+    ``model/quantization.py``) at 4 bits for L = sum(c_i q_i), c = 1..6, float32."""
     w = torch.tensor([-1.0, -0.3, 0.0, 0.2, 0.45, 1.1], requires_grad=True)
     (LQ.quantize_weight(w, 4) * torch.arange(1.0, 7.0)).sum().backward()
     expected = [0.19378996, -0.37562108, -0.21629882, 0.12520742, 0.37562132, -0.10269809]
@@ -302,7 +305,8 @@ def test_lifequant_clamp_activation_fused_is_bit_identical_with_identical_gradie
     got, want_g = _grad(lambda v: LQ.quantize_activation(v, bits), x, g), _grad(lambda v: ref_lq_act(v, bits), x, g)
     assert torch.equal(got, want_g)
     gx = _grad(lambda v: LQ.quantize_activation(v, bits), x, torch.ones_like(x))
-    assert gx[:3].tolist() == [1.0, 1.0, 1.0]  # both endpoints and -0.0 pass the gradient (TV2)
+    # both endpoints and -0.0 pass the gradient (as the original code's clamp does)
+    assert gx[:3].tolist() == [1.0, 1.0, 1.0]
     assert gx[3].item() == 0 and gx[5].item() == 0  # a negative (even subnormal) input does not
 
 

@@ -1,4 +1,4 @@
-"""No host reads of tensor values in a training step (issue 9, GPU path: on CUDA each one waits for the GPU).
+"""No host reads of tensor values in a training step (the GPU path: on CUDA each one waits for the GPU).
 
 Counted on CPU by wrapping the Tensor methods that hand a value to Python (``item``, ``int()``, ``float()``,
 ``bool()``, ``tolist``, ``__index__``) during one train step of every method of the benchmark. What this cannot

@@ -84,14 +84,15 @@ def test_bad_arguments(name: str, kwargs: dict, error: type[Exception], match: s
 
 
 # ----------------------------------------------------------------------------------- parameter counts
-def test_resnet_cifar_param_counts_climbq_spec() -> None:
-    """ClimbQ §1.3: resnet20 option B, 10 classes = 272,474; resnet56, 100 classes = 861,620."""
+def test_resnet_cifar_param_counts_match_climbq_originals() -> None:
+    """Counts of ClimbQ's original ``model/resnet.py``: resnet20 option B, 10 classes = 272,474; resnet56,
+    100 classes = 861,620."""
     assert n_params(create_model("resnet20", shortcut="B", num_classes=10)) == 272_474
     assert n_params(create_model("resnet56", shortcut="B", num_classes=100)) == 861_620
 
 
-def test_mobilenetv2_param_count_climbq_spec() -> None:
-    """ClimbQ §1.3: 2,383,050 parameters for 10 classes with the originals' conv shortcut."""
+def test_mobilenetv2_param_count_matches_climbq_original() -> None:
+    """ClimbQ's original ``model/mobilenetV2.py``: 2,383,050 parameters for 10 classes (its conv shortcut)."""
     assert n_params(create_model("mobilenetv2", num_classes=10)) == 2_383_050
 
 
@@ -118,7 +119,8 @@ def test_mobilenetv2_shortcut_flag() -> None:
 
 
 def test_alexnet_bn_param_count_from_cbp_layer_list() -> None:
-    """CBP §1.6: bias-free convs 64/192/384/256/256 + BN2d, bias-free FC 9216-4096-4096 + BN1d, FC + bias."""
+    """CBP's original ``alexnet_mode.py``: bias-free convs 64/192/384/256/256 + BN2d, bias-free FC
+    9216-4096-4096 + BN1d, FC + bias."""
     convs = 64 * 3 * 11 * 11 + 192 * 64 * 5 * 5 + 384 * 192 * 9 + 256 * 384 * 9 + 256 * 256 * 9
     bn2d = 2 * (64 + 192 + 384 + 256 + 256)
     fcs = 9216 * 4096 + 2 * 4096 + 4096 * 4096 + 2 * 4096 + 4096 * 10 + 10
@@ -322,7 +324,8 @@ def test_resnet50_bottleneck_slot_placement_oracle(act_position: str) -> None:
 
 @pytest.mark.parametrize("act_position", ["pre_relu", "post_relu"])
 def test_mobilenetv2_slot_placement_oracle(act_position: str) -> None:
-    """ClimbQ §1.3 block: expand-BN-Q-ReLU6, depthwise-BN-Q-ReLU6, project-BN-Q, + ReLU(BN(conv1x1 x))."""
+    """ClimbQ's original block (``model/mobilenetV2.py``): expand-BN-Q-ReLU6, depthwise-BN-Q-ReLU6,
+    project-BN-Q, + ReLU(BN(conv1x1 x))."""
     model = quantize_model(create_model("mobilenetv2", act_position=act_position), activation=Shift).eval()
     pre = act_position == "pre_relu"
     b = model.layers[1]  # 16 -> 24, stride 1: has the climbq conv shortcut

@@ -1,4 +1,4 @@
-"""The native CPU kernels of the standardising quantizers (paperlib.quant.native, issue 9).
+"""The native CPU kernels of the standardising quantizers (paperlib.quant.native).
 
 Oracles kept here: ClimbQ's levels computed in float64 with scipy's ``ndtr`` (so the *exact* level of each value,
 which the kernel must match bit for bit, thresholds included), LifeQuant's ops in torch with the kernel's

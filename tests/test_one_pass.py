@@ -1,4 +1,4 @@
-"""One-pass weight quantization of a whole model (paperlib.quant.core, issue 9): the values and gradients are those
+"""One-pass weight quantization of a whole model (paperlib.quant.core): the values and gradients are those
 of the per-layer quantizers; the hook survives copies and is off when asked; stale results are never used."""
 
 import copy

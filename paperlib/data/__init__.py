@@ -1,4 +1,4 @@
-"""Data for the companion (issue 3 §2): the embedded digits default, CIFAR-10/100 from a user root, the
+"""Data for the companion: the embedded digits default, CIFAR-10/100 from a user root, the
 papers' ``image,label`` CSV + image-folder format, in-memory tensors with a batched
 loader and batched augmentation.
 """

@@ -1,13 +1,14 @@
 """Batched augmentation on image tensors: random crop with padding and horizontal flip (airbench style).
 
-The papers train CIFAR with ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` per image (ClimbQ spec
-"aug" row, LifeQuant spec transforms). Here the same distribution is drawn for a whole batch at once: one
-offset pair ``(dy, dx)`` in ``[0, 2p]^2`` and one flip bit per image from a CPU ``torch.Generator``, then
-the crop is two ``torch.gather`` calls on the padded batch (issue 3 §2: no per-sample Python loop).
+The papers train CIFAR with ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` per image (original
+code: ClimbQ ``data/cifar10_lt.py``, LifeQuant ``data/cifar100_ll.py``). Here the same distribution is drawn
+for a whole batch at once: one offset pair ``(dy, dx)`` in ``[0, 2p]^2`` and one flip bit per image from a CPU
+``torch.Generator``, then the crop is two ``torch.gather`` calls on the padded batch (no per-sample Python loop).
 
-Larger stored images (Office-31 / ImageCLEF: decoded at 256, LifeQuant spec §1.6) are cropped to the network's
-input instead: ``size=224`` with ``padding=0`` is ``RandomCrop(224)`` + flip for training, :func:`center_crop`
-is ``CenterCrop(224)`` for evaluation; :func:`train_augment` picks the batch transform of a ``TrainConfig``.
+Larger stored images (Office-31 / ImageCLEF, decoded at 256x256 as by ``Resize((256, 256))`` in LifeQuant's
+original code, ``data/office_ll.py``) are cropped to the network's input instead: ``size=224`` with ``padding=0``
+is ``RandomCrop(224)`` + flip for training, :func:`center_crop` is ``CenterCrop(224)`` for evaluation;
+:func:`train_augment` picks the batch transform of a ``TrainConfig``.
 """
 
 from __future__ import annotations

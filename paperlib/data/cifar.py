@@ -1,11 +1,11 @@
 """CIFAR-10/100 from a user-given root through ``torchvision.datasets`` (never downloading), and an exporter
-to the papers' on-disk format (issue 3 §2; notes §E).
+to the papers' on-disk format.
 
 ``load_cifar`` returns the split as one normalised :class:`InMemoryData` with the standard constants: CIFAR-10
-``(.4914, .4822, .4465), (.2023, .1994, .2010)`` (ClimbQ spec "aug" row, LifeQuant transforms) and CIFAR-100
-``(.5071, .4865, .4409), (.2673, .2564, .2762)``. ``export_cifar_to_folder`` writes
-``<out>/<split>/<class>/<index:04d>.<ext>`` plus ``image,label`` CSVs, the layout ClimbQ/LifeQuant read
-(the original repositories ship no converter).
+``(.4914, .4822, .4465), (.2023, .1994, .2010)`` (original code: ClimbQ ``data/cifar10_lt.py``, LifeQuant
+``data/cifar100_ll.py``) and CIFAR-100 ``(.5071, .4865, .4409), (.2673, .2564, .2762)``. ``export_cifar_to_folder``
+writes ``<out>/<split>/<class>/<index:04d>.<ext>`` plus ``image,label`` CSVs, the layout ClimbQ/LifeQuant read (the
+original repositories ship no converter).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The embedded default dataset: scikit-learn's bundled digits (issue 3 §2; notes §E).
+"""The embedded default dataset: scikit-learn's bundled digits.
 
 1,797 grey 8x8 images with integer pixels 0..16 in 10 classes "0".."9" (counts
 [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]), shipped inside the scikit-learn wheel, so it needs no

@@ -4,7 +4,7 @@ Small datasets (digits, CIFAR) live as one normalised float32 tensor ``x`` [N, C
 tensor ``y`` [N] on the training device. :class:`TensorLoader` slices them into batches with tensor indexing
 (no per-sample Python, no ``DataLoader`` workers) and applies a batched augmentation such as
 :func:`paperlib.data.augment.random_crop_flip`. All randomness comes from one CPU ``torch.Generator`` owned by
-the loader, whose state is saved and restored with the training checkpoint (issue 3 §2 and §4).
+the loader, whose state is saved and restored with the training checkpoint.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _as_index(index: object, n: int) -> Tensor:
 
 @dataclass
 class InMemoryData:
-    """A normalised image dataset held as tensors (issue 3 §2).
+    """A normalised image dataset held as tensors.
 
     ``x``: [N, C, H, W] float32, normalised as ``(pixel - mean) / std`` per channel, pixel in [0, 1].
     ``y``: [N] int64 labels in ``[0, len(classes))``. ``mean``/``std``: the per-channel constants used.

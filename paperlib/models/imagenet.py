@@ -2,10 +2,11 @@
 
 **ResNet-18/50** follow torchvision's topology (ResNet v1.5: the stride of a bottleneck sits on its 3x3 conv)
 and its module names, so ``model.load_state_dict(torchvision_state_dict)`` works with ``strict=True``
-(:class:`~paperlib.quant.core.ActSlot` modules hold no state). Used by ClimbQ §1.3 (ResNet-50), CBP §1.6
-(ResNet-18/50) and DGMS §1.1 (ResNet-18/50). Activation slots, by ``act_position``:
+(:class:`~paperlib.quant.core.ActSlot` modules hold no state). Used by ClimbQ (ResNet-50, original code:
+``resnet-50-imgnet/model/resnet.py``), CBP (ResNet-18/50, original code: ``resnet_mode.py``) and DGMS
+(ResNet-18/50, original code: ``modeling/networks/resnet.py``). Activation slots, by ``act_position``:
 
-- ``"post_relu"`` (ClimbQ-ResNet-50, §1.3, ``resnet-50-imgnet/model/resnet.py``): the stem is
+- ``"post_relu"`` (ClimbQ-ResNet-50, original code: ``resnet-50-imgnet/model/resnet.py``): the stem is
   conv-BN-ReLU-Q_a-maxpool; a bottleneck is conv1-BN-ReLU-Q_a, conv2-BN-ReLU-Q_a, conv3-BN-Q_a, then
   ``+ downsample(x)`` (not quantized), ReLU (not re-quantized); a basic block is conv1-BN-ReLU-Q_a,
   conv2-BN-Q_a, add, ReLU (ClimbQ's ``quant_BasicBlock``).
@@ -17,7 +18,7 @@ which already runs at 8 px (the map shrinks to 1x1, never to 0). ``small_input=T
 CIFAR stem (3x3 stride-1 conv, no max-pool) for better accuracy on small images; ``conv1.weight`` then has a
 different shape, so a torchvision checkpoint no longer loads into it.
 
-**AlexNet-BN** is CBP §1.6 (``alexnet_mode.py``): conv 11x11/4 pad 2 (64), BN, ReLU, MaxPool 3/2; conv 5x5
+**AlexNet-BN** is CBP's (original code: ``alexnet_mode.py``): conv 11x11/4 pad 2 (64), BN, ReLU, MaxPool 3/2; conv 5x5
 (192), BN, ReLU, MaxPool; conv 3x3 (384), BN, ReLU; conv 3x3 (256), BN, ReLU; conv 3x3 (256), BN, ReLU,
 MaxPool; AdaptiveAvgPool 6x6; FC 9216->4096, BN1d, ReLU; FC 4096->4096, BN1d, ReLU; FC with bias.
 All BN eps 1e-4; every conv/FC bias-free except the last; no dropout. The original pools cannot run below
@@ -224,7 +225,7 @@ class ReLUAct(nn.Module):
 
 
 class AlexNetBN(nn.Module):
-    """AlexNet with batch norm, CBP §1.6; ``forward_features`` gives the 4096-d input of ``fc``.
+    """AlexNet with batch norm of CBP (``alexnet_mode.py``); ``forward_features`` gives the 4096-d input of ``fc``.
 
     ``features`` and ``classifier`` keep CBP's indices (``features.0`` conv1, ..., ``classifier.4`` the second
     BN1d); CBP's last layer ``classifier.6`` is ``fc`` here, and state dicts using the old name load as well.
@@ -347,7 +348,7 @@ def resnet18(
     small_input: bool = False,
     weights_path: str | os.PathLike | None = None,
 ) -> ResNetImageNet:
-    """ResNet-18 (torchvision topology and names; CBP §1.6, DGMS §1.1); optional user-given weights file."""
+    """ResNet-18 (torchvision topology and names; used by CBP and DGMS); optional user-given weights file."""
     model = ResNetImageNet("basic", (2, 2, 2, 2), num_classes, in_channels, act_position, small_input)
     return _build(model, weights_path)
 
@@ -359,7 +360,7 @@ def resnet50(
     small_input: bool = False,
     weights_path: str | os.PathLike | None = None,
 ) -> ResNetImageNet:
-    """ResNet-50 v1.5 (torchvision topology and names; ClimbQ §1.3, CBP §1.6); optional weights file."""
+    """ResNet-50 v1.5 (torchvision topology and names; used by ClimbQ and CBP); optional weights file."""
     model = ResNetImageNet("bottleneck", (3, 4, 6, 3), num_classes, in_channels, act_position, small_input)
     return _build(model, weights_path)
 
@@ -370,5 +371,5 @@ def alexnet_bn(
     act_position: ActPosition = "post_relu",
     weights_path: str | os.PathLike | None = None,
 ) -> AlexNetBN:
-    """AlexNet-BN of CBP §1.6 (``alexnet_mode.py``); optional user-given weights file."""
+    """AlexNet-BN of CBP (original code: ``alexnet_mode.py``); optional user-given weights file."""
     return _build(AlexNetBN(num_classes, in_channels, act_position), weights_path)

@@ -1,4 +1,5 @@
-"""MobileNetV2 for CIFAR-sized input, as ClimbQ and LifeQuant use it (ClimbQ spec §1.3, LifeQuant spec §1.1).
+"""MobileNetV2 for CIFAR-sized input, as ClimbQ and LifeQuant use it (original code:
+``model/mobilenetV2.py`` of both; docs/climbq.md, docs/lifequant.md).
 
 Topology of the originals (``model/mobilenetV2.py`` in both repos, the kuangliu CIFAR layout):
 
@@ -11,9 +12,9 @@ Topology of the originals (``model/mobilenetV2.py`` in both repos, the kuangliu 
 Flags instead of copies:
 
 - ``shortcut="climbq"``: the originals' non-standard residual, added whenever the stride is 1:
-  ``ReLU(BN(Conv1x1(x)))``, always a conv even when in == out (ClimbQ §1.3, §5 item 8). With 10 classes the
-  model has 2,383,050 parameters, the spec's count. ``"standard"``: Sandler et al.'s identity residual, only
-  when the stride is 1 and in == out, no residual otherwise.
+  ``ReLU(BN(Conv1x1(x)))``, always a conv even when in == out (original code: ClimbQ ``model/mobilenetV2.py``).
+  With 10 classes the model has 2,383,050 parameters, the original model's count. ``"standard"``: Sandler et
+  al.'s identity residual, only when the stride is 1 and in == out, no residual otherwise.
 - ``act_position="pre_relu"`` (the originals): Q_a after every BN, before the ReLU6/ReLU. ``"post_relu"``: the
   expand, depthwise, stem and head slots sit after their ReLU6/ReLU instead (every slot output then lies in
   the clipped range, as DoReFa-style activation quantizers expect). The projection slot has no ReLU to move
@@ -35,7 +36,7 @@ from ..quant.core import ActSlot
 MobileShortcut = Literal["climbq", "standard"]
 ActPosition = Literal["pre_relu", "post_relu"]
 
-#: (expansion t, output channels c, blocks n, first stride s) of ClimbQ §1.3.
+#: (expansion t, output channels c, blocks n, first stride s) of ClimbQ's original ``model/mobilenetV2.py``.
 CIFAR_CONFIG: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
     (6, 24, 2, 1),
@@ -73,7 +74,8 @@ def _post_conv(x: Tensor, bn: nn.Module, act: nn.Module, relu6: bool, pre: bool)
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block (ClimbQ §1.3): expand 1x1, depthwise 3x3 (stride), project 1x1, plus the shortcut.
+    """MobileNetV2 block: expand 1x1, depthwise 3x3 (stride), project 1x1, plus the shortcut (original code:
+    ClimbQ ``model/mobilenetV2.py``).
 
     Module names follow the originals (``conv1..3``, ``bn1..3``, ``shortcut``); ``act1..3`` are the slots.
     """
@@ -118,7 +120,9 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2Cifar(nn.Module):
-    """MobileNetV2 for CIFAR-sized input (ClimbQ §1.3); ``forward_features`` gives the pooled 1280-d vector.
+    """MobileNetV2 for CIFAR-sized input (original code: ClimbQ ``model/mobilenetV2.py``).
+
+    ``forward_features`` gives the pooled 1280-d vector.
 
     Module names follow the originals (``conv1``, ``bn1``, ``layers``, ``conv2``, ``bn2``), except that the
     classifier (``linear`` in ClimbQ, ``logit`` in LifeQuant) is ``fc`` here.
@@ -168,5 +172,8 @@ def mobilenetv2(
     shortcut: MobileShortcut = "climbq",
     act_position: ActPosition = "pre_relu",
 ) -> MobileNetV2Cifar:
-    """MobileNetV2-CIFAR of ClimbQ/LifeQuant (ClimbQ §1.3); ``shortcut="climbq"`` is the originals' layout."""
+    """MobileNetV2-CIFAR of ClimbQ/LifeQuant (original code: ``model/mobilenetV2.py``).
+
+    ``shortcut="climbq"`` is the originals' layout.
+    """
     return MobileNetV2Cifar(num_classes, in_channels, shortcut, act_position)

@@ -3,9 +3,9 @@
 One definition with flags instead of one copy per paper:
 - ``shortcut="B"``: a 1x1 conv + BN on a stride/width change (ClimbQ, LifeQuant); ``"A"``: zero-padded
   identity of the subsampled input, no parameters (He et al. option A; DGMS).
-- ``act_position="pre_relu"``: activation quantizer slots after every BN, before the ReLU (ClimbQ and
-  LifeQuant §1.3: stem conv-BN-Q-ReLU; block conv-BN-Q-ReLU-conv-BN-Q, + shortcut, ReLU; the option-B
-  shortcut is conv-BN-Q). ``"post_relu"``: slots after every ReLU, so every conv input is quantized
+- ``act_position="pre_relu"``: activation quantizer slots after every BN, before the ReLU (ClimbQ and LifeQuant,
+  original code: ``model/resnet.py`` of both: stem conv-BN-Q-ReLU; block conv-BN-Q-ReLU-conv-BN-Q, + shortcut, ReLU;
+  the option-B shortcut is conv-BN-Q). ``"post_relu"``: slots after every ReLU, so every conv input is quantized
   (DoReFa-style, for clipped [0, 1] activation quantizers).
 
 Stem conv 3->16, three stages of ``n`` blocks with 16/32/64 channels, stride 2 at the first block of stages

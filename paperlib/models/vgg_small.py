@@ -1,4 +1,5 @@
-"""VGG-Small for CIFAR (Zhang et al., LQ-Nets, ECCV 2018), the CIFAR-10 net of DGMS's tables (dgms.md §1.6).
+"""VGG-Small for CIFAR (Zhang et al., LQ-Nets, ECCV 2018), a CIFAR-10 net of DGMS (original
+code: ``modeling/networks/vgg_small_cifar.py``; docs/dgms.md).
 
 Six 3x3 convs 128-128-M-256-256-M-512-512-M, each block ``conv -> BN -> ReLU`` and, at the end of a stage,
 ``conv -> MaxPool(2) -> BN -> ReLU`` (the LQ-Nets order), then one ``Linear(512*4*4, classes)``. The features

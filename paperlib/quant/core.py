@@ -7,13 +7,13 @@ apply a weight quantizer in ``forward`` and fills the slots with activation quan
 itself stays the latent full-precision parameter (state-dict key ``weight``), so an FP checkpoint loads
 into a quantized model and back.
 
-One pass over all weights (issue 9): a weight quantizer may offer ``group_key(weight)`` (a hashable, or None
-when this weight cannot join a group) and a static ``quantize_group(weights, quantizers)``. ``quantize_model``
-then installs a forward pre-hook on the model that quantizes every layer whose quantizer shares a key in one
-call (one autograd node for all of them instead of one per layer) and hands each layer its result;
-``quantized_weight`` uses it once and falls back to the layer's own quantizer otherwise (a layer called on its
-own, a weight changed since, a different grad mode). ``quantize_group`` must return what the per-layer
-quantizer returns for each weight (the tests compare them).
+One pass over all weights (for speed; measured in ``benchmarks/results.md``): a weight quantizer may offer
+``group_key(weight)`` (a hashable, or None when this weight cannot join a group) and a static
+``quantize_group(weights, quantizers)``. ``quantize_model`` then installs a forward pre-hook on the model that
+quantizes every layer whose quantizer shares a key in one call (one autograd node for all of them instead of one per
+layer) and hands each layer its result; ``quantized_weight`` uses it once and falls back to the layer's own
+quantizer otherwise (a layer called on its own, a weight changed since, a different grad mode). ``quantize_group``
+must return what the per-layer quantizer returns for each weight (the tests compare them).
 
 Under ``torch.compile`` (:mod:`paperlib.compiled`) the hooks do nothing and every layer quantizes its own weight
 on the quantizer's torch path: Inductor fuses each layer's quantizer chain, and the one-pass stash (a tensor

@@ -1,7 +1,7 @@
 """LSQ: learned step size quantization (Esser et al., ICLR 2020, Eq. 1-4).
 
 ``v_q = round(clamp(v / s, -Q_N, Q_P)) * s`` with the step ``s`` learned; its gradient is scaled by
-``g = 1 / sqrt(N_elements * Q_P)`` (§2.2). Signed: ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``;
+``g = 1 / sqrt(N_elements * Q_P)`` (LSQ paper, §2.2). Signed: ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``;
 unsigned: ``Q_N = 0``, ``Q_P = 2^b - 1``. The step is initialised to ``2 mean|v| / sqrt(Q_P)`` from the
 weights or from the first activation batch seen in training.
 """
@@ -30,7 +30,7 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
 
 
 def lsq_quantize(v: Tensor, step: Tensor, bits: int, signed: bool = True) -> Tensor:
-    """LSQ quantizer (Eq. 1-2) with the step-gradient scale of §2.2; straight-through in ``v`` inside range."""
+    """LSQ quantizer (Eq. 1-2) with the step-gradient scale of LSQ §2.2; straight-through in ``v`` inside range."""
     bits = check_bits(bits, range(2, 17))
     if bits == FULL_PRECISION:
         return v

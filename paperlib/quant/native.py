@@ -1,4 +1,4 @@
-"""Native CPU kernels of the standardising quantizers (issue 9): ClimbQ's Gaussian-CDF weight and activation
+"""Native CPU kernels of the standardising quantizers: ClimbQ's Gaussian-CDF weight and activation
 quantizers and LifeQuant's "standardize" weight quantizer, from ``paperlib/quant_kernel.c``.
 
 Why: on a CPU the torch path of these quantizers is a chain of small elementwise ops per layer (erf, round,
