@@ -33,6 +33,7 @@ from paperlib.data import (
     random_crop_flip,
     read_manifest,
 )
+from paperlib.data.errors import DataWarning
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
@@ -392,7 +393,9 @@ def test_export_cifar_png_reads_back_identically(tmp_path, no_md5):
     csvs = export_cifar_to_folder(root, out, "cifar10", ext="png")
     assert set(csvs) == {"train", "test"} and csvs["train"] == out / "train.csv"
     assert (out / "train.csv").read_text().splitlines()[0] == "image,label"
-    frame = read_manifest(csvs["train"], out, num_classes=10)
+    with pytest.warns(DataWarning, match=r"manifest .*train.csv: 7 of the num_classes=10 declared classes have no "
+                                         r"row \(3, 4, 5, 6, 7 and 2 more\)"):  # a few fake rows: classes 0-2
+        frame = read_manifest(csvs["train"], out, num_classes=10)
     labels = truth["train"][1]
     assert frame["label"].tolist() == labels and frame["label"].dtype == np.int64
     # index within class, in dataset order
@@ -415,7 +418,8 @@ def test_export_cifar_png_reads_back_identically(tmp_path, no_md5):
 def test_export_cifar100_jpg(tmp_path, no_md5):
     truth = make_fake_cifar(tmp_path / "raw", "cifar100")
     csvs = export_cifar_to_folder(tmp_path / "raw", tmp_path / "out", "cifar100", ext="jpg")
-    frame = read_manifest(csvs["test"], tmp_path / "out", num_classes=100)
+    with pytest.warns(DataWarning, match=r"97 of the num_classes=100 declared classes have no row"):
+        frame = read_manifest(csvs["test"], tmp_path / "out", num_classes=100)
     assert frame["image"].str.match(r"test/fine0[0-2]/\d{4}\.jpg").all()
     assert frame["label"].tolist() == truth["test"][1]
     with pytest.raises(DataError, match="ext"):
@@ -427,7 +431,8 @@ def test_export_cifar100_jpg(tmp_path, no_md5):
 
 def test_manifest_tensors_and_loaders(tmp_path):
     data_dir, csv, pixels = make_folder(tmp_path)
-    d = load_manifest_tensors(csv, data_dir, size=12, num_classes=5)
+    with pytest.warns(DataWarning, match=r"2 of the num_classes=5 declared classes have no row \(3, 4\)"):
+        d = load_manifest_tensors(csv, data_dir, size=12, num_classes=5)
     assert d.x.shape == (6, 3, 12, 12) and d.y.tolist() == [0, 1, 2, 0, 1, 2] and d.num_classes == 5
     assert d.classes == ["0", "1", "2", "3", "4"]
     assert load_manifest_tensors(csv, data_dir, size=12).classes == ["0", "1", "2"]
@@ -492,7 +497,7 @@ def test_manifest_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="missing"):
         load_manifest_tensors(csv, data_dir, size=8)
     (data_dir / "train/c1/001.png").write_bytes(b"garbage")
-    frame = pd.DataFrame({"image": ["train/c1/001.png"], "label": [1]})
+    frame = pd.DataFrame({"image": ["train/c0/000.png", "train/c1/001.png"], "label": [0, 1]})
     frame.to_csv(tmp_path / "f.csv", index=False)
     with pytest.raises(DataError, match="cannot decode"):
         load_manifest_tensors(tmp_path / "f.csv", data_dir, size=8)

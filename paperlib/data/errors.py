@@ -14,3 +14,7 @@ class DataError(ValueError):
 
 class DataTypeError(DataError, TypeError):
     """An argument of the wrong type (also a ``TypeError``)."""
+
+
+class DataWarning(UserWarning):
+    """Data that can be used but probably is not what was meant (e.g. a split without some declared classes)."""

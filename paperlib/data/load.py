@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, DataTypeError
 from .tensors import InMemoryData
 
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -19,6 +19,18 @@ def _resize(data: InMemoryData, size: int) -> InMemoryData:
     return dataclasses.replace(data, x=x)
 
 
+def _check_size(size: object) -> int | None:
+    """``size`` None (the dataset's own) or an int >= 1; 0 is refused rather than read as "native size"."""
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise DataTypeError(f"size must be an int >= 1 or None (the dataset's own size), got "
+                            f"{type(size).__name__} {size!r}")
+    if size < 1:
+        raise DataError(f"size must be an int >= 1 or None (the dataset's own size), got {size}")
+    return size
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None = None, channels: int = 3,
                  seed: int = 0, device: str | torch.device | None = None, *,
                  mean: Sequence[float] | None = None,
@@ -27,9 +39,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, size: int | None
 
     ``mean``/``std`` (CIFAR only; both or neither): normalise with these per-channel constants instead of the
     dataset's own (:data:`paperlib.data.cifar.CIFAR_STATS`), e.g. the CIFAR-10 constants the LifeQuant code uses
-    for CIFAR-100. Digits are always normalised with their train split's statistics."""
+    for CIFAR-100. Digits are always normalised with their train split's statistics. ``size`` None keeps the
+    dataset's own size (8 for digits, 32 for CIFAR); 0 or a negative size is an error, not "native size"."""
     if (mean is None) != (std is None):
         raise DataError("give both mean and std, or neither (then the dataset's own constants are used)")
+    size = _check_size(size)
     if name == "digits":
         if mean is not None:
             raise DataError("digits are normalised with their train split's statistics; mean/std apply to "

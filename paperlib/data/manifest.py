@@ -1,15 +1,23 @@
-"""The papers' on-disk format: image folders plus a CSV manifest with header ``image,label`` (issue 3 §2).
+"""The papers' on-disk format: image folders plus a CSV manifest with header ``image,label``.
 
 ClimbQ and LifeQuant read every dataset (CIFAR exported as JPG/PNG, SynDigits, Office, ImageCLEF, ImageNet)
 from such CSVs: ``image`` is a path relative to a data dir (e.g. ``train/cat/3344.jpg``), ``label`` an integer
-class index (ClimbQ spec "CSV format"; LifeQuant spec: columns ``image,label`` without index). Small folders
-are decoded once into an :class:`InMemoryData` (:func:`load_manifest_tensors`); large ones go through a
-``DataLoader`` with torchvision transforms (:func:`manifest_loader`).
+class index, no index column (original code: ClimbQ's ``longTailDataGeneator.py`` and LifeQuant's
+``lifeLongDataGeneator.py`` write them). Small folders are decoded once into an :class:`InMemoryData`
+(:func:`load_manifest_tensors`); large ones go through a ``DataLoader`` with torchvision transforms
+(:func:`manifest_loader`).
+
+The class list of a split is ``0 .. K-1``: ``K = num_classes`` when the caller declares it (e.g. the test
+split gets the train split's count), else ``K = max(label) + 1``. :func:`read_manifest` checks the labels
+against it before anything is sized by ``K``: labels are integers in ``[0, K)``, ``K >= 2`` and at least two
+classes occur; an inferred class list must have every class present (a gap means a wrong label, such as
+99999 among 0..9); a declared one that the split does not cover gets a :class:`DataWarning`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,13 +28,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from .errors import DataError, DataTypeError
+from .errors import DataError, DataTypeError, DataWarning
 from .tensors import DeviceLike, InMemoryData, check_stats, normalize_uint8, resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LARGE_IMAGE_SIZE = 64  # from this size on, train transforms use RandomResizedCrop (ImageNet style)
 _MAX_LISTED = 5
+_MAX_LABEL_DIGITS = 18  # a label with more digits is >= 10**18: beyond int64 and any class count
 
 
 def _as_path(value: object, what: str) -> Path:
@@ -40,8 +49,8 @@ def _check_num_classes(num_classes: object) -> int | None:
         return None
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise DataTypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise DataError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes < 2:
+        raise DataError(f"num_classes must be >= 2 (a classifier needs at least two classes), got {num_classes}")
     return num_classes
 
 
@@ -51,6 +60,57 @@ def _rows(frame: pd.DataFrame, mask: np.ndarray, column: str) -> str:
     shown = ", ".join(f"line {p + 2}: {frame[column].iloc[p]!r}" for p in pos[:_MAX_LISTED])
     more = f" and {len(pos) - _MAX_LISTED} more" if len(pos) > _MAX_LISTED else ""
     return f"{shown}{more}"
+
+
+def _missing_classes(present: np.ndarray, num_classes: int) -> tuple[int, str]:
+    """``(count, "0, 1, 2 and 7 more")`` of the class indices in ``[0, num_classes)`` absent from ``present``
+    (sorted, unique, all in range); never builds ``range(num_classes)``, which may be huge."""
+    count = num_classes - present.size
+    first = np.setdiff1d(np.arange(min(num_classes, present.size + _MAX_LISTED)), present)[:_MAX_LISTED]
+    more = f" and {count - first.size} more" if count > first.size else ""
+    return count, ", ".join(str(int(c)) for c in first) + more
+
+
+def _check_label_range(frame: pd.DataFrame, values: np.ndarray, csv: Path, num_classes: int | None) -> None:
+    """Labels against the class list ``0 .. K-1`` (module docstring): raises :class:`DataError` or warns."""
+    negative = values < 0
+    if negative.any():
+        raise DataError(
+            f"manifest {csv}: {int(negative.sum())} negative label(s) ({_rows(frame, negative, 'label')}); "
+            f"labels must be class indices >= 0"
+        )
+    top = int(values.max())
+    if num_classes is not None:
+        too_big = values >= num_classes
+        if too_big.any():
+            raise DataError(
+                f"manifest {csv}: {int(too_big.sum())} label(s) >= num_classes={num_classes} "
+                f"({_rows(frame, too_big, 'label')}); fix the labels (class indices 0..{num_classes - 1}) or, "
+                f"if the dataset really has more classes, pass num_classes >= {top + 1}"
+            )
+    present = np.unique(values)
+    if present.size < 2:
+        raise DataError(
+            f"manifest {csv}: every row has label {top}, one class only; a classification split needs labels "
+            f"of at least 2 classes (0, 1, ...): check the label column, or merge the per-class CSVs into one"
+        )
+    if num_classes is None:
+        count, listed = _missing_classes(present, top + 1)
+        if count:
+            at_top = values == top
+            raise DataError(
+                f"manifest {csv}: labels run up to {top} ({_rows(frame, at_top, 'label')}) but "
+                f"{count} class index(es) below it never occur ({listed}); the class list is 0..max(label), "
+                f"so a gap means a wrong label: renumber the labels 0..{present.size - 1}, or pass "
+                f"num_classes=K to declare classes this split lacks"
+            )
+    elif present.size < num_classes:
+        count, listed = _missing_classes(present, num_classes)
+        warnings.warn(
+            f"manifest {csv}: {count} of the num_classes={num_classes} declared classes have no row ({listed}); "
+            f"their accuracy cannot be measured on this split (add rows for them, or check num_classes)",
+            DataWarning, stacklevel=3,
+        )
 
 
 def read_manifest(
@@ -63,8 +123,11 @@ def read_manifest(
 
     Checks, each failing with a :class:`DataError` that says how to fix it: the CSV and ``data_dir`` exist;
     the CSV parses, has rows and ``image`` and ``label`` columns (other columns are kept); every label is an
-    integer >= 0 (and < ``num_classes`` when given); no image path is empty; and, when ``check_files``,
-    every ``data_dir / image`` is a file (the first few missing ones and the count are reported).
+    integer >= 0 (and < ``num_classes`` when given, which must be >= 2); at least two classes occur; with
+    ``num_classes=None`` (class list inferred as ``0..max(label)``) every class up to the largest label
+    occurs; no image path is empty; and, when ``check_files``, every ``data_dir / image`` is a file (the first
+    few missing ones and the count are reported). A declared ``num_classes`` that this split does not cover
+    (e.g. a test split without any row of class 7) gives a :class:`DataWarning` naming the missing classes.
     """
     csv = _as_path(csv_path, "csv_path")
     root = _as_path(data_dir, "data_dir")
@@ -102,21 +165,14 @@ def read_manifest(
             f"({_rows(frame, not_int, 'label')}); "
             f"labels must be class indices 0, 1, 2, ..."
         )
-    values = labels.astype(np.int64).to_numpy()
-    negative = values < 0
-    if negative.any():
+    huge = (labels.str.lstrip("+-").str.lstrip("0").str.len() > _MAX_LABEL_DIGITS).to_numpy(dtype=bool)
+    if huge.any():
         raise DataError(
-            f"manifest {csv}: {int(negative.sum())} negative label(s) ({_rows(frame, negative, 'label')}); "
-            f"labels must be class indices >= 0"
+            f"manifest {csv}: {int(huge.sum())} label(s) are far too large to be class indices "
+            f"({_rows(frame, huge, 'label')}); labels must be class indices 0, 1, 2, ... (fix the label column)"
         )
-    if num_classes is not None:
-        too_big = values >= num_classes
-        if too_big.any():
-            raise DataError(
-                f"manifest {csv}: {int(too_big.sum())} label(s) >= num_classes={num_classes} "
-                f"({_rows(frame, too_big, 'label')}); fix the labels or pass "
-                f"num_classes >= {values.max() + 1}"
-            )
+    values = labels.astype(np.int64).to_numpy()
+    _check_label_range(frame, values, csv, num_classes)
     frame["label"] = values
     frame["image"] = frame["image"].str.strip()
     empty = (frame["image"] == "").to_numpy()
@@ -195,7 +251,8 @@ class ManifestDataset(Dataset):
 def manifest_transform(
     train: bool, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> transforms.Compose:
-    """The papers' torchvision transforms for ``size x size`` input (ClimbQ spec "aug"; LifeQuant spec).
+    """The papers' torchvision transforms for ``size x size`` input (original code: ClimbQ's and LifeQuant's
+    ``main.py``).
 
     Train, ``size >= 64``: ``RandomResizedCrop(size)`` + ``RandomHorizontalFlip()``; smaller:
     ``Resize((size, size))`` + ``RandomCrop(size, padding=4)`` + flip. Eval, ``size >= 64``:
