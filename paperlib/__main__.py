@@ -6,16 +6,19 @@ import argparse
 import sys
 
 
-def cli_parameters(names: list[str], data_dirs: list[str] | None = None,
-                   settings: list[str] | None = None) -> dict[str, dict[str, object]]:
+def cli_parameters(names: list[str], data_dirs: list[str] | None = None, settings: list[str] | None = None,
+                   notebooks: list[str] | None = None) -> dict[str, dict[str, object]]:
     """Per-notebook parameters from ``--data-dir [NOTEBOOK=]DIR`` and ``--set [NOTEBOOK:]NAME=VALUE`` options.
 
     Without a ``NOTEBOOK`` prefix an option applies to every notebook in ``names``; a ``VALUE`` is parsed as
-    JSON when it parses (``3``, ``[0, 1]``, ``true``), else kept as a string. Raises ``ParameterError`` naming
-    the bad option."""
+    JSON when it parses (``3``, ``[0, 1]``, ``true``), else kept as a string. In ``--data-dir`` a word before
+    ``=`` (no ``/``) is a notebook name: it must name one of ``names`` (``notebooks``: all notebooks, to say
+    which exist); a folder whose name holds ``=`` is given with a ``/`` (``./a=b``). Raises ``ParameterError``
+    naming the bad option."""
     import json
+    import re
 
-    from .reproduce import ParameterError
+    from .reproduce import RESERVED, ParameterError
 
     out: dict[str, dict[str, object]] = {n: {} for n in names}
 
@@ -23,22 +26,29 @@ def cli_parameters(names: list[str], data_dirs: list[str] | None = None,
         if prefix is None:
             return list(names)
         if prefix not in out:
-            raise ParameterError(f"{option}: notebook {prefix!r} is not among the notebooks run ({', '.join(names)})")
+            if notebooks is None or prefix in notebooks:
+                raise ParameterError(f"{option}: notebook {prefix!r} is not among the notebooks run "
+                                     f"({', '.join(names)})")
+            raise ParameterError(f"{option}: {prefix!r} names no notebook (notebooks: {', '.join(notebooks)})")
         return [prefix]
 
     for item in data_dirs or []:
-        prefix, _, rest = item.partition("=")
-        nb, path = (prefix, rest) if rest and prefix in out else (None, item)
+        prefix, eq, rest = item.partition("=")
+        named = bool(eq) and re.fullmatch(r"[\w.-]+", prefix) is not None and prefix not in (".", "..")
+        nb, path = (prefix, rest) if named else (None, item)
         if not path:
             raise ParameterError(f"--data-dir {item!r}: give a folder, e.g. --data-dir /data/cifar or "
                                  "--data-dir cbp=/data/imagenet")
-        for n in targets(nb, f"--data-dir {item!r}"):
+        hint = f" (a folder whose name holds '=' is written with a '/', e.g. ./{item})" if named else ""
+        for n in targets(nb, f"--data-dir {item!r}{hint}"):
             out[n]["data_dir"] = path
     for item in settings or []:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ParameterError(f"--set {item!r}: write NAME=VALUE or NOTEBOOK:NAME=VALUE, e.g. --set seeds=[0,1]")
         nb, _, name = key.rpartition(":")
+        if name in RESERVED:
+            raise ParameterError(f"--set {item!r}: {name} is reserved: reproduce sets it to each run's folder")
         try:
             value: object = json.loads(raw)
         except ValueError:
@@ -49,53 +59,111 @@ def cli_parameters(names: list[str], data_dirs: list[str] | None = None,
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import ParameterError, list_notebooks, reproduce, summary_frame
+    from .atomic import WriteError
+    from .reproduce import ParameterError, RunInterrupted, list_notebooks, reproduce, summary_frame
 
-    only = [n for part in (args.only or []) for n in part.split(",") if n]
+    only = [n for part in (args.only or []) for n in part.split(",") if n.strip()]
     try:
-        extra = cli_parameters(only or list(list_notebooks()), args.data_dir, args.set)
+        if args.only is not None and not only:
+            raise ParameterError(f"--only {' '.join(repr(o) for o in args.only)} names no notebook; leave it out "
+                                 f"to run all of them ({', '.join(list_notebooks())})")
+        if args.timeout is not None and args.timeout <= 0:
+            raise ParameterError(f"--timeout {args.timeout}: give a per-cell limit in seconds >= 1, or leave it out "
+                                 "(no limit)")
+        notebooks = list(list_notebooks())
+        extra = cli_parameters(only or notebooks, args.data_dir, args.set, notebooks)
         results = reproduce(args.preset, only=only or None, device=args.device,
                             execution_timeout=args.timeout, extra_parameters=extra)
-    except ParameterError as e:
+    except (ParameterError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        stopped = [r for r in e.results if r.status == "interrupted"]
+        if stopped:
+            r = stopped[-1]
+            where = f"{r.notebook} recorded as {r.run_dir or f'nothing ({r.error})'}"
+            print(f"interrupted: {where}; {len(e.results) - 1} earlier notebook(s) recorded", file=sys.stderr)
+        else:
+            r = e.results[-1]
+            print(f"interrupted after {r.notebook} was recorded ({r.status}: {r.run_dir}); the remaining notebooks "
+                  "did not run", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before any notebook was running; nothing recorded", file=sys.stderr)
+        return 130
     print("\nSummary")
     print(summary_frame(results).to_string(index=False))
     return 0 if all(r.status == "ok" for r in results) else 1
 
 
 def _figures(args: argparse.Namespace) -> int:
+    from . import paths
+    from .atomic import WriteError, check_writable
     from .figures import regenerate
+    from .runs import sweep_stale_runs
 
-    done = regenerate()
-    if not done:
+    try:
+        check_writable(paths.figures_dir(), "figures folder")
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in sweep_stale_runs(paths.runs_dir(), paths.figures_dir()):
+        print(line)
+    skipped: list[str] = []
+    done = regenerate(skipped=skipped)
+    for line in skipped:
+        print(line, file=sys.stderr)
+    if not done and not skipped:
         print("no completed runs in runs/: run `python -m paperlib reproduce` first", file=sys.stderr)
         return 1
     for nb, names in done.items():
         print(f"{nb}: {', '.join(names)}")
-    return 0
+    return 1 if skipped else 0
 
 
 def _levene(args: argparse.Namespace) -> int:
-    from .levene import levene_features
-    from .levene_io import FeatureFileError, read_feature_file
+    """``levene FILE``: every bad input (file, values, --out) ends in one ``error:`` line and exit code 2."""
+    import math
+    from pathlib import Path
 
-    try:
-        features, labels = read_feature_file(args.file, args.label_column)
-        res = levene_features(features, labels, alpha=args.alpha, center=args.center, mask_zeros=not args.keep_zeros)
-    except (FeatureFileError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    from .atomic import WriteError, atomic_write_text, check_writable
+    from .levene import levene_features
+    from .levene_io import FeatureFileError, check_levene_defined, read_feature_file
+
+    def fail(message: object) -> int:
+        print("error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, whatever the cause says
         return 2
+
+    if not (isinstance(args.alpha, float) and math.isfinite(args.alpha) and 0 < args.alpha < 1):
+        return fail(f"--alpha {args.alpha}: must be a number in (0, 1), e.g. --alpha 0.05")
+    out = Path(args.out).expanduser() if args.out else None
+    try:
+        if out is not None:  # before the work: a folder or an unwritable place is refused at once
+            if out.is_dir():
+                raise WriteError(f"--out {out} is a folder; give a file path, e.g. --out {out / 'levene.csv'}")
+            check_writable(out.parent, "folder of --out")
+        features, labels = read_feature_file(args.file, args.label_column)
+    except (FeatureFileError, WriteError) as e:
+        return fail(e)
+    try:
+        res = levene_features(features, labels, alpha=args.alpha, center=args.center, mask_zeros=not args.keep_zeros)
+        check_levene_defined(res, args.file, mask_zeros=not args.keep_zeros)
+    except FeatureFileError as e:
+        return fail(e)
+    except (ValueError, TypeError) as e:
+        return fail(f"{args.file}: {e}")
     verdict = "homogeneous" if res.homogeneous else "NOT homogeneous"
     print(f"Levene's test (center={res.center}) over {res.num_classes} classes, {res.num_samples} samples, "
           f"{features.shape[1]} feature dim(s)")
     print(f"W = {res.W:.6g}, p = {res.p:.4g}, F* = {res.F_star:.6g} at alpha = {res.alpha}: variances are {verdict}")
     print(res.frame.to_string(index=False))
-    if args.out:
-        from .runs import write_csv
-
-        write_csv(args.out, res.frame.assign(W=res.W, p=res.p, F_star=res.F_star, homogeneous=res.homogeneous))
-        print(f"wrote {args.out}")
+    if out is not None:
+        table = res.frame.assign(W=res.W, p=res.p, F_star=res.F_star, homogeneous=res.homogeneous)
+        try:
+            atomic_write_text(out, table.to_csv(index=False))
+        except WriteError as e:
+            return fail(e)
+        print(f"wrote {out}")
     return 0
 
 

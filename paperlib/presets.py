@@ -90,7 +90,8 @@ def _kind(value: Any) -> str:
 def _check_type(notebook: str, key: str, value: Any, like: Any) -> None:
     """``value`` must have the type of the preset's own value ``like`` (ints where ints, lists where lists)."""
     want, got = _kind(like), _kind(value)
-    ok = (want == "any" or got == want or (want == "number" and got == "int"))
+    # a float where the preset has an int may be meaningful (gamma = 10.5); the range check decides
+    ok = (want == "any" or got == want or (want in ("number", "int") and got in ("number", "int")))
     if not ok:
         raise ValueError(f"{notebook}: {key}={value!r:.60} must be {_WORDS[want]} like the preset's "
                          f"{like!r:.60}")

@@ -38,6 +38,8 @@ def test_quickstart_smoke(run_dirs, tmp_path):
     executed = nbformat.read(res.run_dir / "00_quickstart.ipynb", as_version=4)
     outputs = [o for c in executed.cells for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the figure is not displayed as an image"
+    # the last line names the run directory as it is now, not the temp dir it was executed in
+    assert outputs[-1]["text"].splitlines()[-1] == f"run recorded in {res.run_dir}"
     published = {p.name: p.read_bytes() for p in figs.iterdir()}
     assert set(published) == {f"quickstart_{f}.{x}" for f in ("accuracy", "per_class") for x in ("png", "pdf")}
     # figures regenerate from runs/ alone, byte for byte

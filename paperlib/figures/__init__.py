@@ -5,20 +5,25 @@ One submodule per notebook (``paperlib.figures.quickstart``, ...) registers its 
 
 The notebooks and ``python -m paperlib figures`` call the same functions, so a figure regenerated from
 ``runs/`` without training is the same file the notebook wrote. Figures are ``matplotlib.figure.Figure``
-objects (no pyplot state), saved as PNG and PDF with fixed metadata so the bytes are reproducible.
+objects (no pyplot state), saved as PNG and PDF with fixed metadata so the bytes are reproducible, each file
+through the atomic writer; ``figures/`` gets a notebook's figures all or none
+(:class:`paperlib.runs.FigurePublication`).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from matplotlib.figure import Figure
 
 from .. import paths
-from ..runs import FIGURE_FORMATS, latest_run, read_json
+from ..atomic import atomic_write
+from ..runs import FIGURE_FORMATS, FigurePublication, latest_run, one_line, read_json
 
 FigureFn = Callable[[dict[str, Any]], Figure]
 FIGURES: dict[str, dict[str, FigureFn]] = {}
@@ -36,18 +41,15 @@ def register_figure(notebook: str, name: str) -> Callable[[FigureFn], FigureFn]:
     return deco
 
 
+def figure_writer(fig: Figure, fmt: str) -> Callable[[IO[bytes]], Any]:
+    """``write(f)`` that saves ``fig`` as ``fmt`` (png | pdf) with reproducible bytes, for the atomic writer."""
+    return lambda f: fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight", metadata=_METADATA[fmt])
+
+
 def save_figure(fig: Figure, name: str, out_dir: str | Path) -> list[Path]:
-    """Save ``fig`` as ``<name>.png`` and ``<name>.pdf`` atomically with reproducible bytes."""
+    """Save ``fig`` as ``<name>.png`` and ``<name>.pdf`` atomically (mode 0644) with reproducible bytes."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fmt in FIGURE_FORMATS:
-        path = out_dir / f"{name}.{fmt}"
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}.{fmt}"
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight", metadata=_METADATA[fmt])
-        os.replace(tmp, path)
-        out.append(path)
-    return out
+    return [atomic_write(out_dir / f"{name}.{fmt}", figure_writer(fig, fmt)) for fmt in FIGURE_FORMATS]
 
 
 def render_figures(notebook: str, metrics: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Figure]:
@@ -73,17 +75,40 @@ def show(figures: dict[str, Figure] | Figure, dpi: int = 110) -> None:
 
 
 def regenerate(runs_root: Path | None = None, figures_root: Path | None = None,
-               notebooks: list[str] | None = None) -> dict[str, list[str]]:
-    """Redraw the figures of the latest successful run of each notebook into ``figures/``; no training."""
+               notebooks: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, list[str]]:
+    """Redraw the figures of the latest successful run of each notebook into ``figures/``; no training.
+
+    Each notebook's figures are published all or none. A run whose ``manifest.json`` or ``metrics.json``
+    cannot be read or drawn is skipped (its notebook's figures in ``figures/`` stay as they are) and named
+    in one line: appended to ``skipped`` when given, else printed to stderr. The rest are redrawn."""
     _load_all()
     figures_root = figures_root or paths.figures_dir()
+    problems: list[str] = []
     done: dict[str, list[str]] = {}
     for nb in notebooks or sorted(FIGURES):
-        run = latest_run(nb, runs_root)
+        run = latest_run(nb, runs_root, problems)
         if run is None:
             continue
-        figs = render_figures(nb, read_json(run / "metrics.json"), figures_root)
+        metrics_file = run / "metrics.json"
+        pub = FigurePublication(figures_root, f"redraw-{os.getpid()}-{secrets.token_hex(3)}")
+        try:
+            figs = render_figures(nb, read_json(metrics_file))
+            for name, fig in figs.items():
+                for fmt in FIGURE_FORMATS:
+                    pub.stage(f"{name}.{fmt}", figure_writer(fig, fmt))
+            pub.commit()
+        except Exception as exc:  # noqa: BLE001 (one bad run must not stop the other notebooks' figures)
+            pub.rollback()
+            problems.append(f"{nb}: skipped, {metrics_file} could not be read or drawn ({one_line(exc)}); "
+                            f"its figures in {figures_root} are unchanged")
+            continue
+        pub.discard()
         done[nb] = sorted(figs)
+    for line in problems:
+        if skipped is not None:
+            skipped.append(line)
+        else:
+            print(line, file=sys.stderr)
     return done
 
 
