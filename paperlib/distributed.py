@@ -10,12 +10,12 @@ acts as the identity of a world of size 1, so single-process code runs unchanged
 process is up: every rank takes its contiguous shard of each *global* batch (the single-process batch), the
 gradients are averaged with a per-rank weight ``n_rank * W / n_global`` so they equal the gradient of the
 global-batch mean loss even for unequal shards. What the methods compute from a batch must then see the
-global batch too (issue 9):
+global batch too:
 
-- ClimbQ's per-sample sigma (batch class frequencies, spec climbq §1.2): :class:`GlobalSigmaScaling`;
-- ClimbQ's HomoVar statistics (per-class sums, z, counts, spec §1.4): :class:`GlobalHomoVarCriterion`, which
-  all-gathers the detached labels and features, computes the class weights on the gathered batch with
-  :mod:`paperlib.climbq`'s own functions and applies them to the local logits;
+- ClimbQ's per-sample sigma (batch class frequencies; original code: main.py): :class:`GlobalSigmaScaling`;
+- ClimbQ's HomoVar statistics (per-class sums, z, counts; original code: utils/lt_loss.py):
+  :class:`GlobalHomoVarCriterion`, which all-gathers the detached labels and features, computes the class
+  weights on the gathered batch with :mod:`paperlib.climbq`'s own functions and applies them to the local logits;
 - CBP's event rule reads the epoch's Lagrangian sum: :class:`SyncedCBP` all-reduces it, so every rank takes
   the same events and the same λ steps (λ itself only depends on the weights, which DDP keeps identical);
 - LSQ's activation step is initialised from the first training batch: :func:`install_global_lsq_init` makes
@@ -340,15 +340,17 @@ def global_batch_sigma(labels: Tensor, num_classes: int, mode: str = "batch_freq
 class GlobalSigmaScaling(SigmaScaling):
     """:class:`paperlib.climbq_experiment.SigmaScaling` with sigma from the global batch's class counts.
 
-    Identical to ``SigmaScaling`` in a single process. ``max_deviation`` is this rank's largest
-    ``|sigma - 2|`` (of its own samples, whose sigma comes from the global counts).
+    Identical to ``SigmaScaling`` in a single process. ``max_deviation`` (and ``max_deviation_full``, whose
+    ``batch_size`` is the global batch) is the largest ``|sigma - 2|`` of the *global* batches, the same number
+    on every rank and in a single process; it is part of ``state_dict`` (so of every checkpoint, which rank 0
+    writes for all ranks).
     """
 
     def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        s = global_batch_sigma(y, self.num_classes, self.mode, counts=self.counts)
-        set_sigma(model, s)
-        dev = (s - 2).abs().max()
-        self._max_dev = dev if self._max_dev is None else torch.maximum(self._max_dev, dev)
+        y_all, sizes = all_gather_cat(y)
+        s_all = batch_sigma(y_all, self.num_classes, self.mode, counts=self.counts)
+        set_sigma(model, s_all[_local_slice(sizes)])
+        self._record(s_all)
 
 
 class GlobalHomoVarLoss(nn.Module):

@@ -3,9 +3,11 @@
 ``fit`` trains a model on an in-memory dataset (tensors on the device, batched augmentation) or on any
 iterable of ``(x, y)`` batches (a ``DataLoader`` for large image folders). Paper methods plug in through a
 ``criterion(model, x, y) -> loss`` and :class:`Callback` hooks (ClimbQ sets σ before a batch, CBP adds its
-constraint term and acts at the end of an epoch). Every epoch is checkpointed atomically with model,
-optimizer, scheduler, callback and RNG state, so ``resume=True`` ends with the same metrics as an
-uninterrupted run.
+constraint term and acts at the end of an epoch). Every epoch is checkpointed atomically
+(:mod:`paperlib.atomic`: a temp file renamed onto the target, so a crash, a ``kill -9`` or a full disk leaves the
+previous checkpoint) with model, optimizer, scheduler, callback and RNG state, so ``resume=True`` ends with the
+same model and metrics as an uninterrupted run. A checkpoint that cannot be read (truncated, empty, not a
+checkpoint) stops ``resume`` with a one-line :class:`CheckpointError` naming the file.
 
 Under ``torchrun`` (a process group of several processes, :mod:`paperlib.distributed`) ``fit`` trains with
 ``DistributedDataParallel``: each rank takes its contiguous shard of every global batch of the same seeded
@@ -20,6 +22,7 @@ layers to ``torch.nn.SyncBatchNorm`` for the run (CUDA only: torch's SyncBatchNo
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import sys
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atomic import WriteError, atomic_torch_save, check_writable
 from .data.tensors import InMemoryData, TensorLoader
 from .device import resolve_device
 from .metrics import classification_report
@@ -43,6 +47,16 @@ Criterion = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to resume from cannot be read (truncated, empty, or not a checkpoint of :func:`fit`);
+    ``str()`` is one line naming the file, the cause and the fix; ``path`` and ``problem`` (the cause alone)
+    let a caller word its own fix."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path, self.problem = Path(path), problem
+        super().__init__(f"cannot resume from checkpoint {self.path}: {problem}; delete it to train from the start")
 
 
 def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:
@@ -92,12 +106,26 @@ class TrainConfig:
     compile: str = field(default_factory=lambda: os.environ.get(COMPILE_ENV, "none") or "none")
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs}: train for at least 1 epoch")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr}: the learning rate must be positive")
+        _check_int("epochs", self.epochs, 1, "train for at least 1 epoch")
+        _check_int("batch_size", self.batch_size, 1, "a batch holds at least 1 sample")
+        _check_int("eval_batch_size", self.eval_batch_size, 1, "a batch holds at least 1 sample")
+        _check_int("eval_every", self.eval_every, 1, "evaluate every N >= 1 epochs")
+        _check_int("seed", self.seed, None, "seeds are integers")
+        _check_real("lr", self.lr, "the learning rate must be a finite number > 0", low=0.0, low_open=True)
+        _check_real("momentum", self.momentum, "SGD's momentum must be a finite number in [0, 1)", low=0.0,
+                    high=1.0)
+        _check_real("weight_decay", self.weight_decay, "the weight decay must be a finite number >= 0", low=0.0)
+        _check_real("lr_gamma", self.lr_gamma, "the multistep lr factor must be a finite number > 0", low=0.0,
+                    low_open=True)
+        for name in ("nesterov", "augment", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be True or False")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0 (Nesterov's step is a momentum step)")
+        milestones = list(self.milestones)
+        if any(isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1 for m in milestones):
+            raise ValueError(f"milestones={self.milestones!r}: give the epochs (ints >= 1) after which the "
+                             "multistep scheduler multiplies the lr by lr_gamma")
         if self.scheduler not in ("cosine", "multistep", "none"):
             raise ValueError(f"scheduler={self.scheduler!r}: use 'cosine', 'multistep' or 'none'")
         if self.amp not in ("none", "bf16"):
@@ -112,6 +140,24 @@ class TrainConfig:
         if self.crop is not None and (isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1):
             raise ValueError(f"crop={self.crop!r}: give the network's input side (an int >= 1, e.g. 224 for images "
                              "stored at 256) or None (the stored size)")
+
+
+def _check_int(name: str, value: Any, low: int | None, why: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        rng = "an int" if low is None else f"an int >= {low}"
+        raise ValueError(f"{name}={value!r}: must be {rng} ({why})")
+
+
+def _check_real(name: str, value: Any, why: str, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> None:
+    """``value`` is a finite real number in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {why}")
 
 
 class Callback:
@@ -292,12 +338,32 @@ def _load_callback_states(callbacks: Sequence[Callback], states: dict[str, dict[
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` to a temp file, then ``os.replace``: never a half-written file."""
+    """Write ``state`` with ``torch.save`` atomically (:func:`paperlib.atomic.atomic_torch_save`): never a
+    half-written file; a failed write (full disk, read-only folder) removes its temp file and raises a one-line
+    :class:`paperlib.atomic.WriteError` naming the path and the cause, and the previous file stays."""
+    atomic_torch_save(path, state)
+
+
+#: what every checkpoint of :func:`fit` holds
+CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "callbacks", "rng", "history")
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit`; a file that cannot be read (truncated, empty, garbage, or a
+    ``torch.save`` of something else) raises a one-line :class:`CheckpointError` naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on a damaged file
+        text = str(exc).strip().splitlines()
+        cause = f"{type(exc).__name__}: {text[0].split('. ')[0][:160]}" if text else type(exc).__name__
+        size = path.stat().st_size if path.is_file() else 0
+        what = "it is empty" if size == 0 else f"it is truncated or corrupt ({size} bytes; {cause})"
+        raise CheckpointError(path, what) from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(path, f"it is not a checkpoint of paperlib's fit (missing {missing})")
+    return state
 
 
 def _checkpoint_exists(checkpoint: str | Path, ddp: bool) -> bool:
@@ -316,6 +382,62 @@ def _checkpoint_exists(checkpoint: str | Path, ddp: bool) -> bool:
                            f"{lack}; rank 0 writes it and every rank reads it, so put it on a file system all "
                            "processes share (or copy it to the same path on every machine)")
     return exists
+
+
+def _load_on_every_rank(checkpoint: str | Path, dev: torch.device, ddp: bool) -> dict[str, Any]:
+    """:func:`load_checkpoint` on this rank; under DDP the ranks then compare notes, so a file one rank cannot
+    read stops every rank with the same error (instead of the others waiting in the first collective)."""
+    try:
+        state, problem = load_checkpoint(checkpoint, dev), None
+    except CheckpointError as exc:
+        state, problem = None, exc.problem
+    if ddp:
+        from . import distributed as pdist
+
+        seen = pdist.all_gather_object(problem)
+        bad = [(r, p) for r, p in enumerate(seen) if p is not None]
+        if bad and problem is None:
+            problem = f"rank {bad[0][0]} cannot read it: {bad[0][1]}"
+    if problem is not None:
+        raise CheckpointError(checkpoint, problem)
+    assert state is not None
+    return state
+
+
+def _check_checkpoint_folder(checkpoint: str | Path, rank: int, ddp: bool) -> None:
+    """Rank 0 (the writer) checks that the checkpoint's folder can be written; under DDP every rank raises the
+    same one-line :class:`paperlib.atomic.WriteError`."""
+    problem = None
+    if rank == 0:
+        try:
+            check_writable(Path(checkpoint).parent, "checkpoint folder")
+        except WriteError as exc:
+            problem = str(exc)
+    if ddp:
+        from . import distributed as pdist
+
+        problem = pdist.broadcast_object(problem)
+    if problem is not None:
+        raise WriteError(problem)
+
+
+def _save_from_rank0(checkpoint: str | Path, state: dict[str, Any] | None, ddp: bool) -> None:
+    """Rank 0 writes ``state``; under DDP its outcome is broadcast, so a failed write (full disk) stops every
+    rank with the same one-line :class:`paperlib.atomic.WriteError`."""
+    problem: BaseException | None = None
+    if state is not None:
+        try:
+            save_checkpoint(checkpoint, state)
+        except Exception as exc:  # noqa: BLE001 (re-raised below, after the other ranks were told)
+            problem = exc
+    if ddp:
+        from . import distributed as pdist
+
+        msg = pdist.broadcast_object(None if problem is None else str(problem))
+        if msg is not None and problem is None:
+            raise WriteError(msg)
+    if problem is not None:
+        raise problem
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -355,8 +477,10 @@ def fit(
     with random crop + flip when ``config.augment``) or any iterable of batches. ``config.crop``: images stored
     larger than the network's input (an :class:`InMemoryData` ``train``) are cropped to ``crop x crop`` for
     training (:func:`paperlib.data.augment.train_augment`) and center-cropped for every evaluation. With
-    ``checkpoint`` the state is saved after every epoch; ``resume=True`` continues from it. A NaN/inf loss raises
-    :class:`TrainingDiverged` naming the epoch and batch, before the epoch is checkpointed.
+    ``checkpoint`` the state is saved after every epoch (atomically; its folder is checked to be writable before
+    the first step, and a failed write raises a one-line :class:`paperlib.atomic.WriteError`, keeping the previous
+    checkpoint); ``resume=True`` continues from it (a file that cannot be read raises :class:`CheckpointError`).
+    A NaN/inf loss raises :class:`TrainingDiverged` naming the epoch and batch, before the epoch is checkpointed.
 
     ``distributed``: ``None`` (default) trains with ``DistributedDataParallel`` exactly when a process group
     of more than one process is up (see the module docstring; an :class:`InMemoryData` is sharded per global
@@ -448,6 +572,8 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
 
         pdist.check_global_hooks(criterion, callbacks)
         rank, world = pdist.rank(), pdist.world_size()
+    if checkpoint is not None:
+        _check_checkpoint_folder(checkpoint, rank, ddp)  # before the first step, not after the first epoch
     seed_everything(cfg.seed, device=dev)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     model.to(dev, memory_format=memory_format)
@@ -470,7 +596,7 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
     result = TrainResult()
     start_epoch = 0
     if resume and checkpoint is not None and _checkpoint_exists(checkpoint, ddp):
-        state = torch.load(checkpoint, map_location=dev, weights_only=False)
+        state = _load_on_every_rank(checkpoint, dev, ddp)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None:
@@ -560,6 +686,7 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
         if checkpoint is not None:
             rng = _rng_state(loader)
             rng_ranks = pdist.all_gather_object(rng) if ddp else None  # every rank's own RNG, kept by rank 0
+            state = None
             if rank == 0:
                 state = {
                     "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -569,7 +696,7 @@ def _fit(model: nn.Module, train: InMemoryData | Iterable, test: InMemoryData | 
                 }
                 if rng_ranks is not None:
                     state["rng_ranks"] = rng_ranks
-                save_checkpoint(checkpoint, state)
+            _save_from_rank0(checkpoint, state, ddp)
     if test_data is not None:
         result.final = (_evaluate_sharded(model, test_data, cfg.eval_batch_size, dev, cfg.crop) if ddp else
                         evaluate(model, test_data, batch_size=cfg.eval_batch_size, device=dev, crop=cfg.crop))

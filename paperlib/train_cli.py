@@ -25,28 +25,42 @@ the paper methods are fine-tuning methods.
 ``--checkpoint`` saves both stages every epoch under ``<out>/checkpoints/``; ``--resume --out DIR`` continues an
 interrupted run from there (same arguments; checked against ``checkpoints/args.json``) and ends with the same
 model as an uninterrupted run, on one process or under torchrun. ``--sync-bn`` trains with
-``torch.nn.SyncBatchNorm`` under DDP (CUDA only).
+``torch.nn.SyncBatchNorm`` under DDP (CUDA only; on a CPU it stops with an error).
+
+Faults: every flag is checked before any work; ``--out`` is checked to be a writable folder before training and is
+locked for the run (``<out>/.train.lock``, ``fcntl.flock``: a second run on the same folder stops at once, naming
+the process that holds it). Every file (checkpoints, ``checkpoints/args.json``, ``model.pt``, ``metrics.json``) is
+written atomically (:mod:`paperlib.atomic`), ``model.pt`` before ``metrics.json``: a folder with ``metrics.json``
+holds a complete run. A full disk or a read-only folder stops the run with one line naming the file (exit status
+1; the last checkpoint is kept); a damaged checkpoint or ``args.json`` stops ``--resume`` with one line naming the
+file and the fix (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import hashlib
 import json
+import math
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .atomic import WriteError, atomic_torch_save, atomic_write_text, check_writable, describe_os_error
 
 if TYPE_CHECKING:  # the heavy imports happen when a run starts, so `python -m paperlib --help` stays fast
     import torch
     from torch import Tensor, nn
 
     from .data.tensors import InMemoryData
-    from .train import Callback
+    from .train import Callback, CheckpointError
 
 METHODS = ("fp32", "uniform", "lsq", "climbq", "lifequant", "cbp", "dgms")
 DATASETS = ("digits", "cifar10", "cifar100", "manifest")
@@ -207,11 +221,12 @@ def _setup_lifequant(model: nn.Module, args: argparse.Namespace, train: InMemory
     lam = 0.0
     recal_batches = 0
     curvature = 0.0
-    if args.fp_epochs > 0 and args.lam > 0:  # ProxQ anchored at the pretrained start (spec §1.2 at a new task)
+    if args.fp_epochs > 0 and args.lam > 0:  # ProxQ anchored at the pretrained start, as at a new task
         if args.bn_recalibrate:
-            # F is taken in eval mode (spec §1.2): the running statistics must be those of the quantized net, not
-            # the FP32 net's (the quantizers standardise the weights: stale statistics give a chance-level net
-            # whose squared gradients are ~1e4 too large, and SGD diverges on λ F (θ - θ_old)², see prox_stability)
+            # F is taken in eval mode (original code: utils/lifelong.py): the running statistics must be those of
+            # the quantized net, not the FP32 net's (the quantizers standardise the weights: stale statistics give a
+            # chance-level net whose squared gradients are ~1e4 too large, and SGD diverges on λ F (θ - θ_old)², see
+            # prox_stability)
             recal_batches = recalibrate_bn(model, train, batch_size=args.batch_size)
         loader = TensorLoader(train, args.batch_size, shuffle=True, seed=args.seed * 1000 + 99)
         gen = torch.Generator().manual_seed(args.seed * 1000 + 199)
@@ -328,8 +343,8 @@ def _checkpoint_dir(args: argparse.Namespace, out: Path, is_main: bool) -> Path 
     if is_main:
         saved_file = ckdir / "args.json"
         if args.resume and saved_file.is_file():
-            saved = json.loads(saved_file.read_text())
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            saved, problem = _read_saved_args(saved_file, ckdir)
+            diff = [] if saved is None else sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             if diff:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff)
                 problem = (f"--resume: the checkpoints in {ckdir} were made with other arguments ({shown}); "
@@ -338,12 +353,135 @@ def _checkpoint_dir(args: argparse.Namespace, out: Path, is_main: bool) -> Path 
             problem = (f"{ckdir} already holds checkpoints: pass --resume to continue that run, or use another "
                        "--out")
         if problem is None:
-            ckdir.mkdir(parents=True, exist_ok=True)
-            saved_file.write_text(json.dumps(mine, indent=1, sort_keys=True))
+            try:
+                atomic_write_text(saved_file, json.dumps(mine, indent=1, sort_keys=True))
+            except WriteError as e:
+                problem = str(e)
     problem = pdist.broadcast_object(problem)
     if problem is not None:
         raise CLIError(problem)
     return ckdir
+
+
+def _read_saved_args(saved_file: Path, ckdir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(arguments, None)`` from ``checkpoints/args.json``, or ``(None, problem)`` when it is not a JSON object."""
+    try:
+        saved = json.loads(saved_file.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return None, (f"--resume: cannot read {saved_file} ({cause}); it records the interrupted run's arguments: "
+                      f"delete {ckdir} to start over, or use another --out")
+    return saved, None
+
+
+#: the lock file that marks an --out folder as in use by a run (removed when the run ends)
+LOCK_NAME = ".train.lock"
+
+
+def _lock_out(out: Path) -> int | None:
+    """Take an exclusive ``fcntl.flock`` on ``<out>/.train.lock`` and write who holds it; returns the open file
+    descriptor (the lock lasts until it is closed). Another run holding it: :class:`CLIError` naming it. A file
+    system without locks: a warning, and None (the run goes on unlocked)."""
+    import fcntl
+    import socket
+
+    path = out / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "a process that is just starting"
+            os.close(fd)
+            raise CLIError(f"--out {out} is in use by another `paperlib train` run ({holder}): wait for it to "
+                           "finish, or use another --out") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+            print(f"warning: {out} cannot be locked ({e.strerror}); make sure no other run uses this --out",
+                  file=sys.stderr)
+            return None
+        try:  # the file locked must still be the one at the path (a run that just ended removes it)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}".encode())
+    return fd
+
+
+def _unlock_out(out: Path, fd: int | None) -> None:
+    if fd is None:
+        return
+    try:
+        (out / LOCK_NAME).unlink(missing_ok=True)  # while still holding the lock: see the check in _lock_out
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(out: Path) -> list[Path]:
+    """Remove the temp files (``.<name>.<random>.tmp``, :func:`paperlib.atomic.atomic_write`) that a run killed in
+    the middle of a write left in ``out`` and ``out/checkpoints`` (call with the lock held: no other writer)."""
+    stale = [p for d in (out, out / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+@contextmanager
+def claim_out(out: Path, is_main: bool) -> Iterator[None]:
+    """Before any work: rank 0 makes sure ``out`` is a folder it can write (:func:`paperlib.atomic.check_writable`,
+    created when missing) and locks it for the run (:func:`_lock_out`); every rank raises the same
+    :class:`CLIError` when it cannot. Temp files of writes that a killed run left are removed. On leaving, the lock
+    file goes, and a folder this run created is removed again when the run failed before writing anything into it.
+    """
+    from . import distributed as pdist
+
+    problem, fd, created = None, None, False
+    if is_main:
+        created = not out.exists()
+        try:
+            check_writable(out, "--out")
+            fd = _lock_out(out)
+            _remove_stale_temps(out)
+        except (WriteError, CLIError) as e:
+            problem = str(e)
+        except OSError as e:  # the lock file itself (a file system that refuses it)
+            problem = f"--out {out} cannot be locked: {describe_os_error(e)}"
+        if problem is not None and created:
+            _remove_if_empty(out)
+    problem = pdist.broadcast_object(problem)
+    if problem is not None:
+        raise CLIError(problem)
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if is_main:
+            _unlock_out(out, fd)
+            if created and not finished:
+                _remove_if_empty(out)
+
+
+def _resume_problem(e: CheckpointError, ckdir: Path | None) -> CLIError:
+    where = ckdir if ckdir is not None else e.path.parent
+    return CLIError(f"--resume: cannot read checkpoint {e.path}: {e.problem}; delete {where} to start the run "
+                    "over, or use another --out")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -351,24 +489,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     every rank; rank 0 writes ``args.out``."""
     from . import distributed as pdist
     from .device import cpu_threads
-    from .runs import write_json
-    from .train import TrainConfig, cross_entropy, fit, save_checkpoint
 
     with pdist.session(args.device) as d, cpu_threads(args.threads):
         t0 = time.perf_counter()
         dev = d.device
-        if args.sync_bn and d.world_size > 1 and dev.type != "cuda":
+        if args.sync_bn and dev.type != "cuda":
             raise CLIError(f"--sync-bn needs CUDA: torch.nn.SyncBatchNorm only runs on GPU tensors, and this run "
-                           f"trains on {dev} ({d.backend}); use --device cuda with one GPU per process, or leave "
-                           "out --sync-bn (BN then normalises with each process's own batch statistics)")
-        out = Path(pdist.broadcast_object(str(Path(args.out) if args.out else default_out(args.method))))
-        ckdir = _checkpoint_dir(args, out, d.is_main)
-        train, test = load_data(args.dataset, args.data_dir, args.image_size, dev)
-        if args.batch_size < d.world_size:
-            raise CLIError(f"--batch-size {args.batch_size} is the global batch: it must be >= the number of "
-                           f"processes ({d.world_size})")
-        model = _build_model(args, train)
-        pre_history: list[dict[str, Any]] = []
+                           f"trains on {dev} ({d.backend or 'one process'}); use --device cuda with one GPU per "
+                           "process, or leave out --sync-bn (BN then normalises with each process's own batch "
+                           "statistics)")
+        out = Path(pdist.broadcast_object(str(Path(args.out).expanduser() if args.out else default_out(args.method))))
+        with claim_out(out, d.is_main):
+            return _run_claimed(args, d, out, t0)
+
+
+def _run_claimed(args: argparse.Namespace, d: Any, out: Path, t0: float) -> dict[str, Any]:
+    """:func:`run` once ``out`` is checked and locked: train, then rank 0 writes ``model.pt`` and, last,
+    ``metrics.json`` (atomically; a failed write stops every rank with the same one-line ``WriteError``)."""
+    from . import distributed as pdist
+    from .runs import write_json
+    from .train import CheckpointError, TrainConfig, cross_entropy, fit
+
+    dev = d.device
+    ckdir = _checkpoint_dir(args, out, d.is_main)
+    train, test = load_data(args.dataset, args.data_dir, args.image_size, dev)
+    if args.batch_size < d.world_size:
+        raise CLIError(f"--batch-size {args.batch_size} is the global batch: it must be >= the number of "
+                       f"processes ({d.world_size})")
+    model = _build_model(args, train)
+    pre_history: list[dict[str, Any]] = []
+    try:
         if args.fp_epochs > 0:
             fp_cfg = TrainConfig(epochs=args.fp_epochs, lr=args.fp_lr, batch_size=args.batch_size,
                                  seed=args.seed, augment=args.augment, momentum=args.momentum,
@@ -380,35 +530,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, seed=args.seed, augment=args.augment,
                           scheduler=setup.scheduler or args.scheduler, **_gpu_options(args))
-        res = fit(setup.model, train, test, cfg, criterion=setup.criterion or cross_entropy, callbacks=setup.callbacks,
-                  optimizer=setup.optimizer, device=dev, progress=args.progress,
+        res = fit(setup.model, train, test, cfg, criterion=setup.criterion or cross_entropy,
+                  callbacks=setup.callbacks, optimizer=setup.optimizer, device=dev, progress=args.progress,
                   checkpoint=None if ckdir is None else ckdir / f"{args.method}.pt", resume=args.resume,
                   sync_batchnorm=args.sync_bn)
-        digest = {"rank": d.rank, "state": state_digest(setup.model), "method_state": setup.digest()}
-        digests = pdist.all_gather_object(digest)
-        final = {k: res.final[k] for k in ("top1", "balanced_accuracy", "loss", "per_class_accuracy")}
-        metrics = {
-            "method": args.method, "dataset": args.dataset, "model": args.model, "bits": args.bits,
-            "world_size": d.world_size, "backend": d.backend, "device": str(dev), "seed": args.seed,
-            "global_batch_size": args.batch_size, "epochs": args.epochs, "fp_epochs": args.fp_epochs,
-            "data_fingerprint": train.fingerprint(), "final": final,
-            "key_metric": {"name": "test top-1", "value": final["top1"]},
-            "history": res.history, "fp32_history": pre_history, "method_info": setup.info(),
-            "ranks": digests,
-            "consistent_across_ranks": {
-                "state": len({r["state"] for r in digests}) == 1,
-                "method_state": len({json.dumps(r["method_state"]) for r in digests}) == 1,
-            },
-            "args": vars(args), "wall_s": time.perf_counter() - t0,
-        }
-        metrics = _jsonable(metrics)
-        if d.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            metrics["out"] = str(out)
-            write_json(out / "metrics.json", metrics)
+    except CheckpointError as e:
+        raise _resume_problem(e, ckdir) from None
+    digest = {"rank": d.rank, "state": state_digest(setup.model), "method_state": setup.digest()}
+    digests = pdist.all_gather_object(digest)
+    final = {k: res.final[k] for k in ("top1", "balanced_accuracy", "loss", "per_class_accuracy")}
+    metrics = {
+        "method": args.method, "dataset": args.dataset, "model": args.model, "bits": args.bits,
+        "world_size": d.world_size, "backend": d.backend, "device": str(dev), "seed": args.seed,
+        "global_batch_size": args.batch_size, "epochs": args.epochs, "fp_epochs": args.fp_epochs,
+        "data_fingerprint": train.fingerprint(), "final": final,
+        "key_metric": {"name": "test top-1", "value": final["top1"]},
+        "history": res.history, "fp32_history": pre_history, "method_info": setup.info(),
+        "ranks": digests,
+        "consistent_across_ranks": {
+            "state": len({r["state"] for r in digests}) == 1,
+            "method_state": len({json.dumps(r["method_state"]) for r in digests}) == 1,
+        },
+        "args": vars(args), "wall_s": time.perf_counter() - t0,
+    }
+    metrics = _jsonable(metrics)
+    problem = None
+    if d.is_main:
+        metrics["out"] = str(out)
+        try:  # the model first: a folder with metrics.json holds a complete run
             if args.save_model:
-                save_checkpoint(out / "model.pt", {k: v.detach().cpu() for k, v in setup.model.state_dict().items()})
-        return metrics
+                atomic_torch_save(out / "model.pt",
+                                  {k: v.detach().cpu() for k, v in setup.model.state_dict().items()})
+            write_json(out / "metrics.json", metrics)
+        except WriteError as e:
+            problem = str(e)
+    problem = pdist.broadcast_object(problem)
+    if problem is not None:
+        raise WriteError(problem)
+    return metrics
 
 
 def _gpu_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -467,7 +626,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+#: the real-valued flags: (attribute, lowest value, whether the lowest is excluded, highest (excluded), meaning)
+REAL_FLAGS = (
+    ("lr", 0.0, True, None, "the learning rate"),
+    ("fp_lr", 0.0, True, None, "the FP32 stage's learning rate"),
+    ("momentum", 0.0, False, 1.0, "SGD's momentum"),
+    ("weight_decay", 0.0, False, None, "the weight decay"),
+    ("act_clip", 0.0, True, None, "the uniform method's activation clip"),
+    ("lam", 0.0, False, None, "LifeQuant's ProxQ lambda"),
+)
+
+
+def _check_real_flag(args: argparse.Namespace, name: str, low: float, low_open: bool, high: float | None,
+                     meaning: str) -> None:
+    v = getattr(args, name)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v < high)
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and < {high:g}")
+        raise CLIError(f"--{name.replace('_', '-')} {v!r}: {meaning} must be a finite number {rng}")
+
+
 def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the per-method defaults and check every flag (name, range) before any work: :class:`CLIError`."""
     if args.bits is None:
         args.bits = DEFAULT_BITS[args.method]
     if args.lr is None:
@@ -479,12 +659,20 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.fp_epochs < 0:
         raise CLIError(f"--fp-epochs must be >= 0, got {args.fp_epochs}")
+    if args.image_size is not None and args.image_size < 1:
+        raise CLIError(f"--image-size {args.image_size}: give the image side in pixels (>= 1), or leave it out for "
+                       "the dataset's own size (digits 8, CIFAR 32)")
+    if args.threads < 0:
+        raise CLIError(f"--threads {args.threads}: give the torch CPU threads per process (>= 1), or 0 for torch's "
+                       "default")
+    if not 1 <= args.bits <= 32:
+        raise CLIError(f"--bits {args.bits}: give 1 to 32 bits (32: full precision)")
     if args.lam is None:
         from .lifequant.prox import DEFAULT_LAMBDA
 
         args.lam = DEFAULT_LAMBDA if args.method == "lifequant" and args.fp_epochs > 0 else 0.0
-    if args.lam < 0:
-        raise CLIError(f"--lam must be >= 0, got {args.lam}")
+    for flag in REAL_FLAGS:
+        _check_real_flag(args, *flag)
     if args.lam > 0 and args.method != "lifequant":
         raise CLIError(f"--lam is LifeQuant's ProxQ lambda: it applies to --method lifequant, not {args.method}")
     if args.lam > 0 and args.fp_epochs == 0:
@@ -492,10 +680,15 @@ def _finish_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume and not args.out:
         raise CLIError("--resume continues the run in --out DIR (its checkpoints/ folder): pass the --out of the "
                        "interrupted run")
-    if args.lr <= 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
     if args.method == "fp32" and args.bits != 32:
         raise CLIError("--method fp32 trains full precision: leave out --bits (or pass 32)")
+    if args.method == "cbp" and args.cbp_mode is None and args.bits not in CBP_MODE_OF_BITS:
+        raise CLIError(f"--method cbp with --bits {args.bits}: CBP's sets are bin (1 bit), ter (2), 1bit, 2bit; "
+                       "pass --cbp-mode {bin,ter,1bit,2bit} or --bits 1/2")
+    from .models import MODELS
+
+    if args.model not in MODELS:
+        raise CLIError(f"--model {args.model}: unknown model; available: {sorted(MODELS)}")
     if args.dataset in ("cifar10", "cifar100") and not args.data_dir:
         raise CLIError(f"--dataset {args.dataset} needs --data-dir, the folder that holds the torchvision "
                        f"{'cifar-10-batches-py' if args.dataset == 'cifar10' else 'cifar-100-python'}/ folder")
@@ -513,9 +706,14 @@ def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = No
     except (CLIError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, WriteError) as e:  # WriteError: a full disk, a folder made read-only mid-run
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        again = ("; the last finished epoch is checkpointed: run the same command with --resume to continue"
+                 if args.checkpoint or args.resume else "")
+        print(f"interrupted{again}", file=sys.stderr)
+        return 130
     if "out" in metrics:  # rank 0
         f = metrics["final"]
         print(f"{args.method}: test top-1 {100 * f['top1']:.2f} %, balanced {100 * f['balanced_accuracy']:.2f} %"

@@ -1,4 +1,4 @@
-"""DDP on CPU with gloo and 2 processes (issue 9, "Beyond one machine"), on digits with ResNet-8.
+"""DDP on CPU with gloo and 2 processes (README, "Several GPUs / machines"), on digits with ResNet-8.
 
 (a) ``fit`` under DDP = ``fit`` in one process with the same global batch. Batch norm is kept in eval mode
     (running statistics 0/1) for this check, because train-mode BN normalises each rank's shard with its own
@@ -131,11 +131,11 @@ def _fit_case(method: str, train, test, distributed: bool, ckpt: str | None = No
     lsq = RecordLSQInit()
     callbacks: list = [lsq]
     criterion = cross_entropy
-    hv = None
+    hv = sigma = None
     if method == "climbq":
-        hv = GlobalHomoVarCriterion(train.class_counts())
+        hv, sigma = GlobalHomoVarCriterion(train.class_counts()), GlobalSigmaScaling(10)
         criterion = hv
-        callbacks = [lsq, GlobalSigmaScaling(10), hv]
+        callbacks = [lsq, sigma, hv]
     cfg = TrainConfig(epochs=1, lr=0.1, batch_size=33, seed=3, augment=True, scheduler="none")
     res = fit(model, train, test, cfg, criterion=criterion, callbacks=callbacks, device="cpu",
               distributed=distributed, checkpoint=ckpt)
@@ -144,6 +144,7 @@ def _fit_case(method: str, train, test, distributed: bool, ckpt: str | None = No
            "test_loss": res.final["loss"]}
     if hv is not None:
         out["hv_weights"] = hv.last_epoch["weights"]
+        out["sigma_max"] = sigma.max_deviation
     out["lsq_init"] = lsq.steps
     return out
 
@@ -187,11 +188,11 @@ def _resume_case(method: str, train, ckpt: Path, stop_after: int | None = None, 
     from paperlib.train import TrainConfig, cross_entropy, fit
 
     model = _model("climbq" if method == "climbq" else "fp32")
-    criterion, callbacks, opt, cbp = cross_entropy, [], None, None
+    criterion, callbacks, opt, cbp, sigma = cross_entropy, [], None, None, None
     scheduler = "cosine"
     if method == "climbq":
-        hv = pdist.GlobalHomoVarCriterion(train.class_counts())
-        criterion, callbacks = hv, [pdist.GlobalSigmaScaling(10), hv]
+        hv, sigma = pdist.GlobalHomoVarCriterion(train.class_counts()), pdist.GlobalSigmaScaling(10)
+        criterion, callbacks = hv, [sigma, hv]
     elif method == "cbp":
         from paperlib.cbp import CBP
 
@@ -207,6 +208,8 @@ def _resume_case(method: str, train, ckpt: Path, stop_after: int | None = None, 
            "history": [h["train_loss"] for h in res.history]}
     if cbp is not None:
         out["cbp"] = {"lambdas": torch.cat([v.reshape(-1) for v in cbp.lambdas]), "g": cbp.g, "events": cbp.events}
+    if sigma is not None:
+        out["sigma_max"] = pdist.all_gather_object(sigma.max_deviation)
     return out
 
 
@@ -232,6 +235,8 @@ def _resume_report(train, out: Path) -> dict:
             r["lambda_max"] = float(full["cbp"]["lambdas"].max())
             r["g"] = [full["cbp"]["g"], again["cbp"]["g"]]
             r["events"] = [full["cbp"]["events"], again["cbp"]["events"]]
+        if "sigma_max" in full:
+            r["sigma_max"] = [full["sigma_max"], again["sigma_max"]]
         report[method] = r
     return report
 
@@ -258,7 +263,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     "top1": [ddp["top1"], single["top1"]], "test_loss": [ddp["test_loss"], single["test_loss"]],
                     "hv_weights": [ddp.get("hv_weights"), single.get("hv_weights")],
                     "lsq_init": [ddp["lsq_init"], single["lsq_init"]],
+                    "sigma_max": [ddp.get("sigma_max"), single.get("sigma_max")],
                 }
+            if method == "climbq":
+                report["sigma_max_all_ranks"] = pdist.all_gather_object(ddp["sigma_max"])
             pdist.barrier()
         # (g) DDP with the model compiled ($PAPERLIB_COMPILE; aot_eager stands in for Inductor: no C++ builds)
         import paperlib.compiled as pc
@@ -309,6 +317,35 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             report["bare_cbp_error"] = str(e)
         # (e) resume under DDP
         report["resume"] = _resume_report(train, out)
+        # (h) faults: a damaged checkpoint stops every rank with the same error; a checkpoint write that fails on
+        # rank 0 (full disk) stops every rank with the same WriteError, instead of the others waiting for it
+        import paperlib.train as train_mod
+        from paperlib.atomic import WriteError
+        from paperlib.train import CheckpointError
+
+        damaged = out / "damaged.pt"
+        if rank == 0:
+            damaged.write_bytes(b"not a checkpoint")
+        pdist.barrier()
+        try:
+            fit(_model("fp32"), train, None, TrainConfig(epochs=1, batch_size=32), device="cpu",
+                checkpoint=str(damaged), resume=True)
+        except CheckpointError as e:
+            report["damaged_error"] = str(e)
+        real_save = train_mod.save_checkpoint
+
+        def full_disk(path, state):
+            raise WriteError(f"cannot write {path}: no space left on the device")
+
+        if rank == 0:
+            train_mod.save_checkpoint = full_disk
+        try:
+            fit(_model("fp32"), train, None, TrainConfig(epochs=2, batch_size=32), device="cpu",
+                checkpoint=str(out / "full-disk.pt"))
+        except WriteError as e:
+            report["write_error"] = str(e)
+        finally:
+            train_mod.save_checkpoint = real_save
         # (f) SyncBatchNorm has no CPU path: a clear error, before anything is converted
         model = _model("fp32")
         try:
@@ -353,6 +390,9 @@ def test_ddp_step_equals_single_process(spawned, method):
     if method == "climbq":  # HomoVar's class weights come from the global batch, as in one process
         w_ddp, w_one = r["hv_weights"]
         assert w_ddp == pytest.approx(w_one, rel=REL)
+        # sigma's largest |sigma - 2| is that of the global batches: the single process's number, on every rank
+        assert r["sigma_max"][0] == r["sigma_max"][1] > 0
+        assert rep["sigma_max_all_ranks"] == [r["sigma_max"][1]] * WORLD
 
 
 def test_ddp_with_a_compiled_model_equals_eager_ddp(spawned):
@@ -384,6 +424,19 @@ def test_ddp_resume_equals_uninterrupted(spawned, method):
     if method == "cbp":
         assert r["lambda_maxdiff"] == 0.0 and r["lambda_max"] > 0
         assert r["g"][0] == r["g"][1] and r["events"][0] == r["events"][1] == 3  # p_max = 1: an event per epoch
+    if method == "climbq":  # the running maximum is checkpointed: the resumed ranks report the full run's
+        full, again = r["sigma_max"]
+        assert full == again and len(set(full)) == 1 and full[0] > 0
+
+
+def test_ddp_faults_stop_every_rank_with_one_line(spawned):
+    """A damaged checkpoint (every rank reads it) and a failed checkpoint write on rank 0 (the only writer) stop
+    both ranks with the same one-line error; neither rank waits forever for the other."""
+    out, rep0 = spawned
+    rep1 = json.loads((out / "report-rank1.json").read_text())
+    for rep in (rep0, rep1):
+        assert rep["damaged_error"].startswith(f"cannot resume from checkpoint {out / 'damaged.pt'}: it is ")
+        assert rep["write_error"] == f"cannot write {out / 'full-disk.pt'}: no space left on the device"
 
 
 def test_sync_batchnorm_needs_cuda(spawned):

@@ -167,3 +167,130 @@ def test_fp32_cache_key_ignores_late_fields_at_their_defaults():
     # compiling trains the same net: a compiled run reuses the eager run's cache
     assert cache_key("resnet8", {}, dataclasses.replace(cfg, compile="default"), train) == \
         cache_key("resnet8", {}, cfg, train)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0), ("momentum", float("nan")), ("momentum", -0.1),
+    ("momentum", 1.0), ("weight_decay", -1e-4), ("weight_decay", float("nan")), ("lr_gamma", 0.0),
+    ("lr_gamma", float("nan")), ("epochs", 2.5), ("epochs", True), ("batch_size", 0), ("eval_batch_size", 0),
+    ("eval_every", 0), ("seed", 1.5), ("milestones", [0]), ("milestones", [2.5]), ("augment", "yes"),
+])
+def test_train_config_refuses_bad_numbers_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_accepts_numpy_numbers_and_edges():
+    import numpy as np
+
+    cfg = TrainConfig(epochs=np.int64(2), lr=np.float32(0.1), momentum=0.0, weight_decay=0, seed=-3,
+                      milestones=[np.int64(1)])
+    assert cfg.epochs == 2 and cfg.momentum == 0.0
+    with pytest.raises(ValueError, match="nesterov"):
+        TrainConfig(nesterov=True, momentum=0.0)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"num_classes": 0}, "num_classes=0"), ({"num_classes": 2.0}, "num_classes=2.0"),
+    ({"num_classes": True}, "num_classes=True"), ({"in_channels": 0}, "in_channels=0"),
+])
+def test_create_model_refuses_zero_classes_or_channels(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        create_model("resnet20", **{"num_classes": 10, "in_channels": 1, **kwargs})
+    assert create_model("resnet8", num_classes=1, in_channels=1).fc.out_features == 1
+
+
+def _tiny_run(digits, tmp_path, epochs=2, **kw):
+    train, _ = digits
+    return fit(_small_model(), train.subset(slice(0, 128)), None, TrainConfig(epochs=epochs, batch_size=64),
+               device="cpu", checkpoint=tmp_path / "c.pt", progress=False, **kw)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    (lambda b: b"", "it is empty"),
+    (lambda b: b"not a checkpoint at all" * 10, "truncated or corrupt"),
+])
+def test_damaged_checkpoint_stops_resume_with_one_line(digits, tmp_path, damage, needle):
+    from paperlib.train import CheckpointError
+
+    _tiny_run(digits, tmp_path, epochs=1)
+    ck = tmp_path / "c.pt"
+    ck.write_bytes(damage(ck.read_bytes()))
+    with pytest.raises(CheckpointError) as info:
+        _tiny_run(digits, tmp_path, resume=True)
+    msg = str(info.value)
+    assert "\n" not in msg and str(ck) in msg and needle in msg and "delete it" in msg
+    assert info.value.path == ck
+
+
+def test_checkpoint_of_something_else_is_refused(digits, tmp_path):
+    from paperlib.train import CheckpointError
+
+    torch.save({"model": {}}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint of paperlib's fit \(missing \['epoch'"):
+        _tiny_run(digits, tmp_path, resume=True)
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temp_file(digits, tmp_path, monkeypatch):
+    """torch's writer on a full disk raises ``RuntimeError: [enforce fail at inline_container.cc:...]`` after a
+    partial write: fit stops with a one-line WriteError, the temp file is gone, epoch 0's checkpoint is intact."""
+    from paperlib.atomic import WriteError
+
+    real_save, calls = torch.save, []
+
+    def full_at_second_write(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4096")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_at_second_write)
+    with pytest.raises(WriteError) as info:
+        _tiny_run(digits, tmp_path, epochs=3)
+    assert "\n" not in str(info.value) and "c.pt" in str(info.value) and "no space left" in str(info.value)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 0
+
+
+def test_onecycle_resume_takes_the_uninterrupted_lr_and_momentum(digits, tmp_path):
+    """DGMS's per-batch OneCycle schedule also cycles SGD's momentum: a resume that rebuilt the scheduler restarted
+    the momentum at step 0's 0.95 (and a different model followed); it must go on with the checkpointed values."""
+    from paperlib.dgms import OneCycle
+
+    data = digits[0].subset(slice(0, 256))
+    cfg = TrainConfig(epochs=3, batch_size=64, scheduler="none")
+
+    def run(checkpoint, *extra, resume=False):
+        model, sched = _small_model(), OneCycle(0.05, 3 * 4)
+        fit(model, data, None, cfg, callbacks=[sched, *extra], device="cpu", checkpoint=checkpoint, resume=resume,
+            progress=False)
+        return model.state_dict(), sched
+
+    full, full_sched = run(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", Crash(1))
+    saved = torch.load(tmp_path / "b.pt", weights_only=False)["callbacks"]["OneCycle#0"]
+    resumed, sched = run(tmp_path / "b.pt", resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert sched.sched.last_epoch == full_sched.sched.last_epoch == 12
+    assert sched.sched.optimizer.param_groups[0]["momentum"] == full_sched.sched.optimizer.param_groups[0]["momentum"]
+    assert saved["groups"][0]["momentum"] < 0.95  # 4 steps into the cycle: not step 0's value
+
+
+def test_unwritable_checkpoint_folder_is_refused_before_the_first_step(digits, tmp_path):
+    from paperlib.atomic import WriteError
+
+    class CountSteps(Callback):
+        steps = 0
+
+        def after_step(self, model):
+            CountSteps.steps += 1
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WriteError, match=r"^checkpoint folder .*file is a file, not a folder"):
+        fit(_small_model(), digits[0].subset(slice(0, 64)), None, TrainConfig(epochs=1, batch_size=64),
+            device="cpu", checkpoint=tmp_path / "file" / "c.pt", callbacks=[CountSteps()], progress=False)
+    assert CountSteps.steps == 0

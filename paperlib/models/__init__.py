@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 from torch import nn
@@ -29,12 +30,24 @@ def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
     MODELS[name] = builder
 
 
+#: keyword arguments every builder reads as a count, each with what it counts
+COUNTS = {"num_classes": "the classifier's output classes", "in_channels": "the input image's channels"}
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_channels=1)``."""
+    """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_channels=1)``.
+
+    ``num_classes`` and ``in_channels`` must be ints >= 1 (a 0-class head or a 0-channel stem builds a net
+    that only fails at its first forward); ``ValueError`` names the argument."""
     try:
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}") from None
+    for key, what in COUNTS.items():
+        if key in kwargs:
+            v = kwargs[key]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"create_model({name!r}, {key}={v!r}): {key} is {what}, an int >= 1")
     return builder(**kwargs)
 
 
