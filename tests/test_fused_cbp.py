@@ -1,9 +1,11 @@
-"""The fast CBP step (issue 9) against straightforward reference implementations kept in this file.
+"""The fast CBP step against straightforward reference implementations kept in this file.
 
 The arithmetic projection (:func:`paperlib.cbp._project_factors`), the arithmetic constraint
 (:func:`paperlib.cbp._cs_fast`) and the fused step (:class:`paperlib.cbp._FusedStep`, used by
-``CBP.criterion``) must give bit-identical values and gradients to the bucketize/gather definitions of spec
-§1.3-1.4 below, including on the measure-zero points (levels, medians, window edges, -0.0).
+``CBP.criterion``) must give bit-identical values and gradients to the bucketize/gather definitions below
+(the original code's projection and constraint, module.py; docs/cbp.md, 'Forward: projection with a
+straight-through backward' and 'Constraint function and windows'), including on the measure-zero points
+(levels, medians, window edges, -0.0).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ GS = [1, 2, 3, 7, 10, 20, math.inf]
 
 # ------------------------------------------------------------------------------------- reference definitions
 def ref_nearest(w: Tensor, q: Tensor) -> Tensor:
-    """Spec §1.3: nearest level, saturating; a weight exactly on a median maps to the median."""
+    """Nearest level, saturating (original code: module.py); a weight exactly on a median maps to the median."""
     m = (q[1:] + q[:-1]) / 2
     c = torch.bucketize(w, m)  # medians strictly below w
     cm = c.clamp(max=m.numel() - 1)
@@ -34,7 +36,7 @@ def ref_nearest(w: Tensor, q: Tensor) -> Tensor:
 
 
 def ref_cs_slope(w: Tensor, q: Tensor, g: float) -> tuple[Tensor, Tensor]:
-    """Spec §1.4 by interval look-up: cs and dcs/dw (±2 or 0)."""
+    """Paper Eqs. 8-10 by interval look-up: cs and dcs/dw (±2 or 0)."""
     r = 1.0 - 1.0 / g
     n = q.numel()
     k = torch.bucketize(w, q, right=True)
