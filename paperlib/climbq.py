@@ -1,14 +1,17 @@
 """ClimbQ (Chen, Yang, Chen, NeurIPS 2022): Gaussian-CDF quantizer with class distribution scaling and the
-HomoVar loss, as the official code implements them (spec climbq.md §1; section numbers below are the spec's).
+HomoVar loss, as the official code implements them (docs/climbq.md describes the method and the departures).
 
-- §1.1 :func:`quantize_weight`: ``W_q = 2 U_k(Phi((W - mu)/s)) - 1`` with ``mu``/``s`` the mean and unbiased
-  std of the whole tensor (inside the autograd graph); :func:`quantize_activation`:
-  ``A_q = R (2 U_k(Phi(x/sigma)) - 1)``. ``U_k(u) = round(u n)/n``, ``n = 2^k - 1``, straight-through.
-- §1.2 :func:`batch_sigma`: the per-sample ``sigma_i = 2 - p~_i`` with ``p~_i = b_{y_i} / sum_c b_c^2`` from
-  the mini-batch class counts ``b``; :func:`set_sigma` hands it to every :class:`ClimbQActivation` of a model
-  before a training forward. Eval uses sigma = 2 (``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet quirk).
-- §1.4 :func:`homovar_loss` / :class:`HomoVarLoss`: class-balanced softmax-BCE whose per-class beta comes from
-  Levene bounds on the class size (the bound math is :func:`paperlib.levene.homogeneity_bounds`).
+- Quantizers (original code: ``model/quantization.py``): :func:`quantize_weight`:
+  ``W_q = 2 U_k(Phi((W - mu)/s)) - 1`` with ``mu``/``s`` the mean and unbiased std of the whole tensor (inside
+  the autograd graph); :func:`quantize_activation`: ``A_q = R (2 U_k(Phi(x/sigma)) - 1)``.
+  ``U_k(u) = round(u n)/n``, ``n = 2^k - 1``, straight-through.
+- Class distribution scaling (original code: ``main.py``): :func:`batch_sigma`: the per-sample
+  ``sigma_i = 2 - p~_i`` with ``p~_i = b_{y_i} / sum_c b_c^2`` from the mini-batch class counts ``b``;
+  :func:`set_sigma` hands it to every :class:`ClimbQActivation` of a model before a training forward. Eval uses
+  sigma = 2 (``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet quirk).
+- HomoVar (original code: ``utils/lt_loss.py``): :func:`homovar_loss` / :class:`HomoVarLoss`: class-balanced
+  softmax-BCE whose per-class beta comes from Levene bounds on the class size (the bound math is
+  :func:`paperlib.levene.homogeneity_bounds`).
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------- §1.1 quantizer
+# --------------------------------------------------------------------------------------------- quantizers
 
 
 def _check_bits(bits: int) -> int:
     bits = as_bits(bits)
     if bits == 1:
         raise ValueError("bits=1 is degenerate for ClimbQ: sign(Phi) = +1 maps every weight to +1 and every "
-                         "activation to +act_range (spec climbq.md §5.5); use bits in 2..8 or 32")
+                         "activation to +act_range (docs/climbq.md, 'Quantizers'); use bits in 2..8 or 32")
     if bits != FULL_PRECISION and not 2 <= bits <= 8:
         raise ValueError(f"bits={bits} is not supported by ClimbQ: use 2..8 or 32 (full precision)")
     return bits
@@ -60,7 +63,7 @@ def _normal_cdf(x: Tensor, loc: Tensor | float, scale: Tensor) -> Tensor:
     return 0.5 * (1 + torch.erf((x - loc) * scale.reciprocal() / math.sqrt(2)))
 
 
-# Fused path (issue 9). The forward runs the reference's float ops in place on one buffer, so its values are
+# Fused path. The forward runs the reference's float ops in place on one buffer, so its values are
 # bit-identical: ``0.5 (1 + e) n`` is computed as ``(1 + e) (n/2)`` and ``(U/n) 2`` as ``U / (n/2)``, both exact
 # (scaling by a power of two; ``1 + e`` is 0 or >= 2^-24, never subnormal). The backward is analytic and saves
 # only the input (activations) or the standardised weight: the STE gradient of ``2 U(Phi(a)) - 1`` is
@@ -75,8 +78,9 @@ def _levels_from_erf(t: Tensor, n: int) -> Tensor:
 
 
 class _ClimbQWeightFn(torch.autograd.Function):
-    """``2 U_k(Phi((w - mean w) / std w)) - 1`` with the exact gradient through mean and std (spec TV-W):
-    with ``a = (w - mu)/s`` and ``h = 2 phi(a) g``: ``dL/dw = (h - mean h - a <h, a>/(N - 1)) / s``.
+    """``2 U_k(Phi((w - mean w) / std w)) - 1`` with the exact gradient through mean and std (pinned by the
+    weight reference vectors): with ``a = (w - mu)/s`` and ``h = 2 phi(a) g``:
+    ``dL/dw = (h - mean h - a <h, a>/(N - 1)) / s``.
     ``a`` and ``1/s`` are internal tensors, kept on ``ctx`` (nothing else can modify them)."""
 
     @staticmethod
@@ -198,7 +202,8 @@ def _act_grad_coefs(rec: Tensor, act_range: float) -> tuple[Tensor, Tensor]:
 
 
 def quantize_weight(w: Tensor, bits: int, *, fused: bool = True, native: bool | None = None) -> Tensor:
-    """ClimbQ weight quantizer (§1.1, ``weight_quantize_fn``): ``2 U_k(Phi((w - mean w) / std w)) - 1``.
+    """ClimbQ weight quantizer (original code: ``model/quantization.py``, ``weight_quantize_fn``):
+    ``2 U_k(Phi((w - mean w) / std w)) - 1``.
 
     One mean and unbiased std over the whole tensor, kept in the autograd graph, so the gradient is
     ``2 phi(.)/s`` plus the terms through ``mu`` and ``s``; the rounding is straight-through. Levels are
@@ -274,7 +279,8 @@ def quantize_activation(
     x: Tensor, bits: int, sigma: Tensor | float = 2.0, act_range: float = 2.0, *, fused: bool = True,
     native: bool | None = None,
 ) -> Tensor:
-    """ClimbQ activation quantizer (§1.1, ``activation_quantize_fn``): ``R (2 U_k(Phi(x / sigma)) - 1)``.
+    """ClimbQ activation quantizer (original code: ``model/quantization.py``, ``activation_quantize_fn``):
+    ``R (2 U_k(Phi(x / sigma)) - 1)``.
 
     The projection mean is 0; ``sigma`` is a float or a per-sample tensor ([B] or broadcastable), treated as
     a constant (no gradient). Levels ``R (2i/n - 1)``, i = 0..n, no zero level, no clipping; the gradient is
@@ -314,7 +320,7 @@ def _activation_reference(x: Tensor, bits: int, sigma: Tensor | float, act_range
     return (uniform_quantize(phi, bits) * 2 - 1) * act_range
 
 
-# --------------------------------------------------------------------------------------------- §1.2 scaling
+# ------------------------------------------------------------------------------------ class distribution scaling
 
 
 def _label_range_error(labels: Tensor, num_classes: int) -> ValueError:
@@ -330,12 +336,13 @@ def batch_sigma(
     *,
     validate: bool = True,
 ) -> Tensor:
-    """Per-sample projection sigma for a training batch (§1.2, ``main.py`` L181-187, quantizer L91-94).
+    """Per-sample projection sigma for a training batch (original code: ``main.py`` L181-187, quantizer L91-94).
 
     ``"batch_freq"`` (the original): ``p_i = b_{y_i}/B`` with ``b`` the class counts *in the batch*,
     ``p~ = p / sum_j p_j`` (``= b_{y_i} / sum_c b_c^2``), ``sigma_i = 2 - p~_i`` (within 1 % of 2 for
-    B = 128). ``"none"``: sigma = 2 (the eval value; nearly equivalent, §5.1). ``"prior"`` is **not from the
-    paper**: ``sigma_i = 2 - n_{y_i}/N`` from dataset ``counts``. Returns float32 [B] on the labels' device.
+    B = 128). ``"none"``: sigma = 2 (the eval value; nearly equivalent, docs/climbq.md 'Class distribution
+    scaling'). ``"prior"`` is **not from the paper**: ``sigma_i = 2 - n_{y_i}/N`` from dataset ``counts``.
+    Returns float32 [B] on the labels' device.
 
     Labels outside ``[0, num_classes)`` raise. In ``"batch_freq"`` mode the check rides on the class count
     (no extra reduction or host sync); ``validate=False`` skips it in the other modes too (labels the
@@ -413,7 +420,7 @@ class ClimbQActivation(nn.Module):
 
     In training mode it uses the per-sample sigma last given by :func:`set_sigma` (sigma = 2 if none was
     set, i.e. ``scaling="none"``); in eval mode it always uses ``eval_sigma`` (2, as in the CIFAR/SynDigits
-    code; ``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet eval quirk ``p=[1]``, §1.2, §5.2).
+    code; ``eval_sigma=1.0`` reproduces the ResNet-50/ImageNet eval quirk ``p=[1]``, docs/climbq.md 'Departures').
     ``fused=False`` uses the plain autograd reference path (same values, slower); ``native`` as in
     :func:`quantize_activation`.
     """
@@ -445,7 +452,8 @@ class ClimbQActivation(nn.Module):
 
 
 def set_sigma(model: nn.Module, sigma: Tensor | float | None) -> int:
-    """Give every :class:`ClimbQActivation` in ``model`` the training sigma for the next forward (§1.2).
+    """Give every :class:`ClimbQActivation` in ``model`` the training sigma for the next forward (docs/climbq.md,
+    'Class distribution scaling').
 
     ``sigma`` is :func:`batch_sigma`'s [B] tensor, a float, or ``None`` (back to sigma = 2). Returns how many
     quantizers were set (0 for a model without ClimbQ activation quantizers, e.g. during FP32 pretraining).
@@ -464,19 +472,20 @@ def set_sigma(model: nn.Module, sigma: Tensor | float | None) -> int:
     return n
 
 
-# --------------------------------------------------------------------------------------------- §1.4 HomoVar
+# --------------------------------------------------------------------------------------------- HomoVar
 
 
 def homovar_beta(counts: Tensor, n_lb: Tensor, n_ub: Tensor, beta: float = 0.999) -> Tensor:
-    """Per-class beta from the bounds (§1.4 step 7): ``beta^(1/(n_lb - n))`` below, ``beta^(1/(n - n_ub))``
-    above, ``beta`` inside; a NaN bound compares False and falls in the last case, as in the original."""
+    """Per-class beta from the bounds (docs/climbq.md 'HomoVar loss', step 7): ``beta^(1/(n_lb - n))`` below,
+    ``beta^(1/(n - n_ub))`` above, ``beta`` inside; a NaN bound compares False and falls in the last case, as in
+    the original."""
     below, above = counts < n_lb, counts > n_ub
     dist = torch.where(below, n_lb - counts, n_ub - counts).abs()
     return torch.where(below | above, beta ** (1 / dist), torch.full_like(counts, beta))
 
 
 def class_balanced_weights(beta: Tensor, counts: Tensor) -> Tensor:
-    """Cui et al. (2019) effective-number weights (§1.4 step 8): ``w_k = (1 - b_k)/(1 - b_k^{n_k})``,
+    """Cui et al. (2019) effective-number weights (HomoVar step 8): ``w_k = (1 - b_k)/(1 - b_k^{n_k})``,
     renormalised to ``K w / sum w``."""
     w = (1 - beta) / (1 - beta**counts)
     return w * (beta.numel() / w.sum())
@@ -488,7 +497,7 @@ class HomoVarStep:
 
     Per class: ``counts`` (the n_k used for the bounds and weights), ``n_lb``, ``n_ub``, ``beta``,
     ``weights``, ``out_of_bounds``; ``fraction_out`` of classes out of bounds and Levene's ``W`` = ssb/ssw
-    (the original's statistic; NaN when undefined). ``bounds`` holds every intermediate (§1.4 steps 3-6);
+    (the original's statistic; NaN when undefined). ``bounds`` holds every intermediate (HomoVar steps 3-6);
     in ``counts="batch"`` mode its rows are the classes present in the batch, ``classes``.
     """
 
@@ -535,9 +544,10 @@ def _check_homovar_inputs(logits: Tensor, labels: Tensor, features: Tensor, alph
 
 
 def homovar_weighted_loss(logits: Tensor, labels: Tensor, w: Tensor, base: Base = "bce") -> Tensor:
-    """§1.4 step 9 with given per-class weights ``w`` [K]: ``1/(BK) sum_{i,k} w_{y_i} BCE(softmax_ik,
-    1[y_i = k])`` (``base="bce"``, the original) or ``mean_i w_{y_i} CE_i`` (``"ce"``). The weights are taken
-    as constants (the original detaches them); ``HomoVarStep.weights`` holds the ones HomoVar chose."""
+    """HomoVar step 9 (docs/climbq.md, 'HomoVar loss') with given per-class weights ``w`` [K]:
+    ``1/(BK) sum_{i,k} w_{y_i} BCE(softmax_ik, 1[y_i = k])`` (``base="bce"``, the original) or
+    ``mean_i w_{y_i} CE_i`` (``"ce"``). The weights are taken as constants (the original detaches them);
+    ``HomoVarStep.weights`` holds the ones HomoVar chose."""
     w_i = w.to(device=logits.device, dtype=logits.dtype)[labels]
     if base == "ce":
         return (w_i * F.cross_entropy(logits, labels, reduction="none")).mean()
@@ -564,7 +574,7 @@ def _homovar(
     n_np = check_class_counts(counts)
     if n_np.size != k:
         raise ValueError(f"counts has {n_np.size} classes but logits have K={k}")
-    z = dispersion(feats, y, "mean", "l1", mask_zeros, counts=n_np, check_labels=False)  # float64 (§5.10)
+    z = dispersion(feats, y, "mean", "l1", mask_zeros, counts=n_np, check_labels=False)  # float64: see 'Departures'
     bounds = homogeneity_bounds(z, y.to(z.device), n_np, alpha, check_labels=False)  # y checked above
     b = homovar_beta(bounds.counts, bounds.n_lb, bounds.n_ub, beta)
     w = class_balanced_weights(b, bounds.counts)
@@ -619,17 +629,18 @@ def homovar_loss(
     mask_zeros: bool = True,
     check_labels: bool = True,
 ) -> Tensor:
-    """ClimbQ's HomoVar loss (§1.4), faithful by default; it *replaces* cross entropy (§5.6).
+    """ClimbQ's HomoVar loss (original code: ``utils/lt_loss.py``), faithful by default; it *replaces* cross
+    entropy (as the original's ``main.py``).
 
     ``counts`` are the per-class *dataset* training counts n_k (``num_cls_data/result{gamma}.json`` or
     :func:`paperlib.data.long_tail.long_tail_counts`); ``features`` the [B, D] penultimate features (the FC's
     input). Steps 1-6 (:func:`paperlib.levene.dispersion` with the batch-sum/dataset-count mean and the zero
     mask, then :func:`paperlib.levene.homogeneity_bounds`: unweighted grand mean, abs of the roots, NaN for
     a negative discriminant), step 7 :func:`homovar_beta`, step 8 :func:`class_balanced_weights` (detached,
-    float64 then cast to the logits' dtype, §5.10), step 9 the weighted BCE on softmax
+    float64 then cast to the logits' dtype, docs/climbq.md 'Departures'), step 9 the weighted BCE on softmax
     (``base="ce"``: ``mean_i w_{y_i} CE_i`` instead). ``counts="batch"`` is the textbook-Levene variant.
     Vectorised with ``index_add``: no [B, K, D] tensor, no loop over classes or samples. A zero-count class
-    raises the generator's error (it would make the loss NaN, §5.4). The labels' range is checked with one host
+    raises the generator's error (it would make the loss NaN). The labels' range is checked with one host
     read per call; ``check_labels=False`` skips it (labels a loader has checked: then a step reads nothing
     back from a GPU here, except what ``torch.unique`` itself needs).
     """

@@ -1,4 +1,5 @@
-"""Levene variance-homogeneity analysis of class-wise features (spec climbq.md §1.4 steps 1-6, §2, TV-L).
+"""Levene variance-homogeneity analysis of class-wise features (docs/climbq.md, 'Levene analysis' and
+'Size bounds').
 
 Levene's test is a one-way ANOVA on absolute deviations from the group centre:
 ``W = (N-K) sum_k n_k (zbar_k - zbar)^2 / ((K-1) sum_k sum_{i in k} (z_i - zbar_k)^2)``, homogeneous when
@@ -9,8 +10,8 @@ bounds on the class size (:func:`homogeneity_bounds`, the one implementation tha
 :func:`levene_features` runs the whole analysis on features; :func:`capture_features` collects a model's
 penultimate (or any named layer's) features.
 
-All statistics are computed in float64 (spec §5.10) on the inputs' device (CPU for Apple ``mps``, which has
-no float64); the F distribution is always scipy's.
+All statistics are computed in float64 (docs/climbq.md, 'Departures') on the inputs' device (CPU for Apple
+``mps``, which has no float64); the F distribution is always scipy's.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ __all__ = [
 
 def levene(groups: Sequence[Sequence[float] | np.ndarray | Tensor], center: Center = "mean",
            proportiontocut: float = 0.05) -> tuple[float, float]:
-    """Levene's test for scalar groups: ``scipy.stats.levene(*groups, center=center)`` (spec §2).
+    """Levene's test for scalar groups: ``scipy.stats.levene(*groups, center=center)`` (docs/climbq.md,
+    'Levene analysis').
 
     ``center="mean"`` is ClimbQ's (and Levene's original) choice; ``"median"`` (scipy's default) is
     Brown-Forsythe; ``"trimmed"`` uses the ``proportiontocut`` trimmed mean. Returns scipy's
@@ -80,7 +82,8 @@ def dispersion(
     proportiontocut: float = 0.05,
     check_labels: bool = True,
 ) -> Tensor:
-    """Per-sample dispersion ``z_i`` of [N, D] features around their class centre (spec §1.4 steps 1-2).
+    """Per-sample dispersion ``z_i`` of [N, D] features around their class centre (HomoVar steps 1-2,
+    docs/climbq.md).
 
     ``z_i = sum_d |f_id - m_{y_i d}| * 1[f_id != 0]`` for ``reduce="l1"`` and ``mask_zeros=True`` (ClimbQ:
     exactly-zero entries, ReLU zeros, are skipped); ``reduce="l2"`` takes the Euclidean norm instead. The
@@ -154,7 +157,8 @@ def _class_centre(f: Tensor, y: Tensor, center: Center, proportiontocut: float) 
 
 @dataclass(frozen=True)
 class HomogeneityBounds:
-    """Levene statistics and ClimbQ's per-class size bounds (spec §1.4 steps 3-6); float64 tensors.
+    """Levene statistics and ClimbQ's per-class size bounds (HomoVar steps 3-6, docs/climbq.md);
+    float64 tensors.
 
     ``counts`` n_k, ``S`` = sum_{i in k} z_i, ``zbar_k`` = S/n, ``zbar`` the grand mean, ``ssw``/``ssb``
     the within/between mean squares, ``sb`` the per-class between terms, ``W = ssb/ssw``, ``F_star`` the
@@ -233,7 +237,7 @@ def homogeneity_bounds(
     mask_zero_z: bool = True,
     check_labels: bool = True,
 ) -> HomogeneityBounds:
-    """Levene statistics and the per-class bounds [n_lb, n_ub] on the class size (spec §1.4 steps 3-6).
+    """Levene statistics and the per-class bounds [n_lb, n_ub] on the class size (docs/climbq.md, 'Size bounds').
 
     With ``n_k = counts[k]`` (ClimbQ: the *dataset* counts), ``N = sum n_k``, ``K = len(counts)``:
     ``S_k = sum_{i in k} z_i``, ``zbar_k = S_k/n_k``, ``zbar`` = mean_k zbar_k (``grand_mean="unweighted"``,
@@ -315,7 +319,8 @@ def levene_features(
     mask_zeros: bool = True,
     proportiontocut: float = 0.05,
 ) -> LeveneFeatures:
-    """Levene's test of variance homogeneity across classes for [N, D] features (spec §2).
+    """Levene's test of variance homogeneity across classes for [N, D] features (docs/climbq.md,
+    'Levene analysis').
 
     ``z = dispersion(features, labels, center, reduce, mask_zeros)`` around each class's own centre, then
     Levene's W is the one-way ANOVA F of z over the classes present (actual group sizes, weighted grand mean,

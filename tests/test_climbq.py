@@ -1,4 +1,5 @@
-"""ClimbQ quantizer, class distribution scaling and HomoVar loss (spec climbq.md §1, §5, TV-W/A/S/H1/H2/L)."""
+"""ClimbQ quantizer, class distribution scaling and HomoVar loss (docs/climbq.md), pinned by reference vectors
+computed with the original code's formulas (its functions run on a CPU in float32)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ CIFAR10_G200 = [5000, 2775, 1540, 854, 474, 263, 145, 80, 44, 24]
 ATOL = 1e-6  # the TVs are printed with 6 decimals
 
 
-# --------------------------------------------------------------------------------------------- TV-W
+# --------------------------------------------------------------------------------------------- weight reference vectors
 
 
 def test_tv_w_statistics_and_cdf():
@@ -89,7 +90,7 @@ def test_weight_gradient_flows_through_mean_and_std():
         assert np.abs(naive - oracle).max() > 1e-3
 
 
-# --------------------------------------------------------------------------------------------- TV-A
+# ----------------------------------------------------------------------------------------- activation reference vectors
 
 
 def test_tv_a_k4_values_and_gradient():
@@ -112,7 +113,7 @@ def test_tv_a_k2_k32_and_k1():
     y = quantize_activation(x, 32)
     assert y is x
     with pytest.raises(ValueError, match=r"bits=1 is degenerate.*2\.\.8 or 32"):
-        quantize_activation(TV_A, 1)  # the original maps everything to +2 (TV-A k=1)
+        quantize_activation(TV_A, 1)  # the original maps everything to +2 (k=1)
     with pytest.raises(ValueError, match="degenerate"):
         quantize_weight(TV_W, 1)
     for bad in (0, 9, 16):
@@ -125,7 +126,8 @@ def test_tv_a_k2_k32_and_k1():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sigma", [1.0, 1.7, 2.0])
 def test_activation_equals_threshold_form(bits, sigma):
-    """Inference form (§1.1): thresholds t_i = sigma Phi^-1((i - 1/2)/n), uniformly spaced codes."""
+    """Inference form (docs/climbq.md, 'Quantizers'): thresholds t_i = sigma Phi^-1((i - 1/2)/n), uniformly spaced
+    codes."""
     n = 2**bits - 1
     t = sigma * scipy.stats.norm.ppf((np.arange(1, n + 1) - 0.5) / n)
     x = np.random.default_rng(bits).normal(0, 2.5, 4000)
@@ -135,7 +137,7 @@ def test_activation_equals_threshold_form(bits, sigma):
     np.testing.assert_allclose(got, 1.5 * (2 * code / n - 1), atol=1e-12)
 
 
-# --------------------------------------------------------------------------------------------- TV-S
+# -------------------------------------------------------------------------------------------- scaling reference vectors
 
 
 TV_S_X = torch.tensor([-1, -0.1, 0.3, 1.2]).reshape(1, 1, 2, 2).repeat(4, 1, 1, 1)
@@ -230,7 +232,7 @@ def test_quantize_model_with_climbq_modules_and_set_sigma():
     x = torch.randn(6, 1, 8, 8)
     logits = model(x)
     assert logits.shape == (6, 3) and torch.isfinite(logits).all()
-    w_q = model.conv0.quantized_weight()  # first layer quantized (§1.3)
+    w_q = model.conv0.quantized_weight()  # first layer quantized (original code: model/resnet.py)
     codes = (w_q + 1) * 15 / 2
     torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="set_sigma"):
@@ -313,9 +315,9 @@ def test_tv_h2_class_balanced_weights():
     ]:
         n = torch.tensor(counts, dtype=torch.float64)
         w = class_balanced_weights(torch.full((10,), 0.999, dtype=torch.float64), n)
-        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-3)  # spec: rtol 1e-3 when beta ~ 1
+        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-3)  # rtol 1e-3 when beta ~ 1 (float32 reference values)
         assert float(w.sum()) == pytest.approx(10)
-        # through the loss: a homogeneous batch keeps every class in bounds, so w is exactly TV-H2
+        # through the loss: a homogeneous batch keeps every class in bounds, so w is exactly the reference weights
         g = torch.Generator().manual_seed(0)
         y = torch.multinomial(n.float(), 128, replacement=True, generator=g)
         f = torch.relu(torch.randn(128, 64, generator=g) + 0.2)
@@ -385,7 +387,7 @@ def test_homovar_gradient_only_through_logits_with_constant_weights():
     f = f.requires_grad_()
     crit = HomoVarLoss(counts)
     crit(logits, y, f).backward()
-    assert f.grad is None  # no gradient through features, bounds or beta (§1.4 step 8)
+    assert f.grad is None  # no gradient through features, bounds or beta (HomoVar step 8)
     lg2 = logits.detach().clone().requires_grad_()
     w = crit.last.weights.float()[y][:, None].expand(-1, 5)
     F.binary_cross_entropy(lg2.softmax(1), F.one_hot(y, 5).float(), weight=w).backward()
@@ -418,7 +420,8 @@ def test_homovar_batch_counts_is_textbook_levene():
 
 
 def test_homovar_float64_statistics_at_imagenet_scale():
-    """§5.10: B=256, K=1000, D=2048, counts 5..1300: the original's float32 gives NaN; float64 is finite."""
+    """docs/climbq.md 'Departures': B=256, K=1000, D=2048, counts 5..1300: the original's float32 gives NaN;
+    float64 is finite."""
     g = torch.Generator().manual_seed(0)
     counts = torch.randint(5, 1301, (1000,), generator=g)
     y = torch.randint(0, 1000, (256,), generator=g)

@@ -161,8 +161,8 @@ def test_qat_epochs_0_evaluates_the_quantized_models_without_fine_tuning(tmp_pat
     (hv,) = m["homovar"]
     assert hv["gamma"] == 10 and hv["bits"] == 4 and len(hv["n_lb"]) == len(hv["weights"]) == 10
     assert 0 <= hv["fraction_out"][0] <= 1 and m["sigma_max_deviation"] is None
-    checks = cq.check_expectations(m)
-    assert "not recorded" in checks[checks["claim"].str.startswith("(e)")]["measured"].iloc[0]
+    bounds = next(c for c in m["claims"] if c["id"].startswith("bounds-rarely-bind"))
+    assert bounds["verdict"] == "undecidable" and "not recorded" in bounds["note"]  # no training steps to judge
 
 
 def test_fp_epochs_0_fine_tunes_from_the_seeded_init(tmp_path, monkeypatch):
@@ -319,6 +319,11 @@ def test_tiny_run_metrics(tiny_run):
     table = cq.summary_table(m)
     assert list(table["method"]) == list(cq.METHODS) and list(table["W/A"]) == ["FP32", "W4A4", "W4A4", "W4A4"]
     assert m["paper_numbers"] is None and "could not be found" in m["paper_numbers_note"]
+    assert m["splits"]["10"]["real_ratio"] == pytest.approx(137 / 12) and m["splits"]["10"]["tail_images"] == 12
+    assert list(table["γ (real ratio)"]) == ["10 (real 11.4)"] * 4 and list(table["n (seeds)"]) == [1] * 4
+    ids = [c["id"] for c in m["claims"]]  # one seed: every comparison is undecidable, none is dropped
+    assert "homovar-balanced-g10" in ids and "gain-grows-with-imbalance" in ids
+    assert all(c["verdict"] == "undecidable" for c in m["claims"] if c["direction"] != "descriptive")
 
 
 def test_stored_models_reload_to_the_recorded_accuracy(tiny_run, digits):
@@ -407,7 +412,11 @@ def test_levene_tests_every_model_and_layer(tiny_run, digits):
     assert row["n"] == len(sp.full_test) and row["homogeneous"] == (ref.W <= ref.F_star)
     assert lev["key_metric"]["value"] == pytest.approx(ref.W)
     table = cq.levene_table(lev)
-    assert list(table["method"]) == list(cq.METHODS)
+    assert list(table["method"]) == list(cq.METHODS) and list(table["n (seeds)"]) == [1] * 4
+    pc = pd.DataFrame(lev["per_class"])
+    acc = evaluate(model, sp.full_test)["per_class_accuracy"]  # per-class numbers of the analysed models
+    np.testing.assert_allclose(pc[pc["method"] == cq.CLIMBQ_HV].sort_values("class")["accuracy"], acc)
+    assert {c["id"] for c in lev["claims"]} >= {"quantization-raises-W-g10", "homovar-lowers-W-g10"}
     assert cq.levene_layer_table(lev).shape == (3, 4)
     (disp,) = [d for d in lev["dispersion"] if d["method"] == cq.CLIMBQ_HV]
     np.testing.assert_allclose(disp["z"], ref.z, rtol=1e-4)
@@ -438,6 +447,8 @@ def test_levene_bounds_are_homovar_diagnostics_on_training_batches(tiny_run, dig
     pc = pc[pc["method"] == cq.CLIMBQ_HV].sort_values("class")
     np.testing.assert_allclose(pc["n_lb"], got["n_lb"], rtol=1e-6)
     np.testing.assert_allclose(pc["out_fraction"], got["per_batch"]["out_of_bounds"].mean(0))
+    np.testing.assert_allclose(pc["feasible_fraction"], (got["per_batch"]["C"] >= 0).mean(0))
+    np.testing.assert_allclose(pc["nan_fraction"], np.isnan(got["per_batch"]["n_lb"]).mean(0))
     assert (pc["n_train"] == sp.counts).all()
     full = homogeneity_bounds(dispersion(f, sp.train.y, counts=sp.counts), sp.train.y, sp.counts)
     assert pc["full_feasible"].tolist() == (full.C >= 0).tolist()

@@ -1,4 +1,5 @@
-"""Levene analysis (spec climbq.md §1.4 steps 1-6, §2, TV-L, TV-H1): scipy and direct loops as oracles."""
+"""Levene analysis (docs/climbq.md, 'Levene analysis', 'Size bounds'; reference vectors computed with the original
+code's formulas): scipy and direct loops as oracles."""
 
 from __future__ import annotations
 
@@ -129,7 +130,7 @@ def test_homogeneity_bounds_tv_h1_intermediates():
     y = torch.tensor([0, 0, 0, 1, 1, 2])
     n = [100, 30, 10]
     b = homogeneity_bounds(dispersion(f, y, counts=n), y, n)
-    rel = dict(rtol=5e-5, atol=0)  # the spec: a float64 re-derivation agrees within 5e-5 relative
+    rel = dict(rtol=5e-5, atol=0)  # a float64 re-derivation agrees with the float32 reference within 5e-5 relative
     np.testing.assert_allclose(b.S.numpy(), [4.95, 2.893333, 1.71], **rel)
     np.testing.assert_allclose(b.zbar_k.numpy(), [0.0495, 0.096444, 0.171], **rel)
     assert float(b.zbar) == pytest.approx(0.105648, rel=5e-5)

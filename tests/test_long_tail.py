@@ -1,4 +1,5 @@
-"""Long-tail generator (spec climbq.md §3, §6, TV-LT): counts, order, seeded nested sampling, manifests."""
+"""Long-tail generator (original code: src/longTailDataGeneator.py; docs/climbq.md, 'Long-tailed data'): counts,
+order, seeded nested sampling, manifests."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ DIGITS_AVAILABLE = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # sklearn
 # --------------------------------------------------------------------------------------------- order
 
 
-def test_digits_order_is_the_spec_order():
+def test_digits_order_is_head_first():
     assert long_tail_order(DIGITS_AVAILABLE) == [3, 5, 1, 6, 4, 9, 7, 0, 2, 8]
 
 
@@ -55,7 +56,7 @@ def test_order_equals_stable_argsort_reversed_on_random_counts():
         (100, [183, 109, 65, 38, 22, 13, 7, 4, 2, 1]),
     ],
 )
-def test_digits_counts_spec_section_6(gamma, expected):
+def test_digits_counts_recursive_rule(gamma, expected):
     available = [DIGITS_AVAILABLE[c] for c in long_tail_order(DIGITS_AVAILABLE)]
     assert long_tail_counts(available, gamma) == expected
 

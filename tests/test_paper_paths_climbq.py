@@ -130,17 +130,17 @@ def test_paper_long_tail_settings_hold_on_the_real_class_counts():
     (CIFAR-100 gamma >= 50 has empty classes in the original: lt_min_count=1 keeps them at 1 image)."""
     cfg = resolve("climbq", "paper")
     c10 = long_tail_counts([5000] * 10, 10, cfg["lt_mode"], cfg["lt_min_count"])
-    assert c10 == [5000, 3871, 2997, 2320, 1796, 1390, 1076, 833, 644, 498]  # the shipped CSVs (spec §3)
+    assert c10 == [5000, 3871, 2997, 2320, 1796, 1390, 1076, 833, 644, 498]  # the original's shipped CSVs
     for gamma in cfg["gammas"]:
         for avail in ([5000] * 10, [500] * 100, [1000] * 10):
             assert min(long_tail_counts(avail, gamma, cfg["lt_mode"], cfg["lt_min_count"])) >= 1
     c100 = long_tail_counts([500] * 100, 50, cfg["lt_mode"], cfg["lt_min_count"])
-    assert c100.count(1) == 10 + 1 and sum(c100) == 11761 + 10  # the 10 empty classes of spec §3, raised to 1
+    assert c100.count(1) == 10 + 1 and sum(c100) == 11761 + 10  # the original's 10 empty classes, raised to 1
 
 
 def test_paper_preset_takes_each_datasets_own_input_size_and_augmentation(tmp_path):
     """Regression: ``dataset="syndigits"`` at the paper preset loaded 32 px images with crop + flip (the CIFAR
-    settings of the preset); the original resizes SynDigits to 28x28 without augmentation (spec §1.5)."""
+    settings of the preset); the original resizes SynDigits to 28x28 without augmentation (original code: main.py)."""
     syn = cq.with_dataset_defaults(resolve("climbq", "paper", dataset="syndigits"))
     assert (syn["image_size"], syn["augment"]) == (28, False)
     for name in ("cifar10", "cifar100"):  # unchanged: CIFAR at 32 px with crop + flip
@@ -237,7 +237,7 @@ def test_quickstart_paper_driver_keeps_its_fp32_cache_under_runs_root(no_md5, ci
     assert sorted(r["method"] for r in m["summary"]) == ["FP32", "uniform W2A2", "uniform W4A4"]
     assert m["num_classes"] == 10 and m["dataset"] == "cifar10"
     assert len(quickstart_checks(m)) == 3
-    assert sorted(render_figures("00_quickstart", m)) == ["quickstart_accuracy"]
+    assert "quickstart_accuracy" in render_figures("00_quickstart", m)
 
 
 # ----------------------------------------------------------------------------------------------- the notebooks

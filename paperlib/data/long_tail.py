@@ -1,4 +1,5 @@
-"""Long-tailed subsets as ClimbQ's generator builds them (spec climbq.md §3, §5.9, §6).
+"""Long-tailed subsets as ClimbQ's generator builds them (original code: ``src/longTailDataGeneator.py``;
+docs/climbq.md, 'Long-tailed data').
 
 ``src/longTailDataGeneator.py`` of the original sorts the classes by available count (head first), gives
 class ``i`` of that order ``n_i = min(floor(n_{i-1} r), avail_i)`` samples with ``r = 1 / gamma^(1/(K-1))``
@@ -8,10 +9,10 @@ by its rank (label 0 = head). This module reproduces that for in-memory data (:f
 for image folders (:func:`write_long_tail_manifests`: the ``<stem>_train{gamma}.csv`` / ``<stem>_test.csv``
 manifests and the ``num_cls_data/result{gamma}.json`` counts that feed HomoVar).
 
-Departures, all deterministic where the original depended on the filesystem (§5.9): ties in the class order
-go to the higher class id (``np.argsort(counts, kind="stable")[::-1]``) instead of reversed ``os.listdir``
-order; items of a class are taken in a stable order (ascending dataset index, or sorted file name) instead of
-``glob`` order; an explicit ``class_order`` (e.g. :data:`CIFAR10_LT_ORDER`) replays the shipped CSVs.
+Departures, all deterministic where the original depended on the filesystem (docs/climbq.md, 'Departures'): ties
+in the class order go to the higher class id (``np.argsort(counts, kind="stable")[::-1]``) instead of reversed
+``os.listdir`` order; items of a class are taken in a stable order (ascending dataset index, or sorted file name)
+instead of ``glob`` order; an explicit ``class_order`` (e.g. :data:`CIFAR10_LT_ORDER`) replays the shipped CSVs.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from .errors import DataError, DataTypeError
 
 CountsMode = Literal["recursive", "closed_form"]
 
-#: Label order (label 0 = head) of the shipped CIFAR-10-LT CSVs (spec §3).
+#: Label order (label 0 = head) of the shipped CIFAR-10-LT CSVs of the original code.
 CIFAR10_LT_ORDER: tuple[str, ...] = (
     "cat", "frog", "airplane", "horse", "dog", "deer", "automobile", "ship", "truck", "bird",
 )
-#: Label order of the shipped SynDigits-LT CSVs: folder (digit) names for labels 0..9 (spec §3).
+#: Label order of the shipped SynDigits-LT CSVs: folder (digit) names for labels 0..9.
 SYNDIGITS_LT_ORDER: tuple[str, ...] = ("9", "1", "7", "0", "5", "8", "6", "2", "3", "4")
 
 __all__ = [
@@ -55,7 +56,7 @@ __all__ = [
 def long_tail_order(class_counts: Sequence[int] | np.ndarray) -> list[int]:
     """Class ids head first: sorted by available count, descending; ties go to the higher class id.
 
-    This is ``np.argsort(counts, kind="stable")[::-1]`` (spec §3; the original used the default sort over
+    This is ``np.argsort(counts, kind="stable")[::-1]`` (the original used the default sort over
     ``os.listdir`` order, so its ties depended on the filesystem).
     """
     counts = _as_int_array(class_counts, "class_counts")
@@ -73,7 +74,7 @@ def zero_count_error(
     name: object | None = None,
     available: int | None = None,
 ) -> DataError:
-    """The one error for a class with 0 samples, shared by the generator and HomoVar (spec §5.4).
+    """The one error for a class with 0 samples, shared by the generator and HomoVar.
 
     An empty class makes HomoVar's class mean 0/0 and ``1 - beta^0 = 0``, so the loss is NaN from step 1.
     """
@@ -87,7 +88,7 @@ def zero_count_error(
     fixes = f"a smaller gamma, {closed}or min_count=1"
     return DataError(
         f"{src}{what} ({where}{avail}) with 0 training samples; counts={counts}. An empty class "
-        f"makes ClimbQ's HomoVar statistics 0/0 and its loss NaN (spec climbq.md §5.4). Fix: use {fixes}"
+        f"makes ClimbQ's HomoVar statistics 0/0 and its loss NaN (docs/climbq.md, 'Departures'). Fix: use {fixes}"
         + (" (or allow_empty=True to reproduce the original's empty classes)." if gamma is not None else
            " when generating the long-tailed data.")
     )
@@ -128,7 +129,7 @@ def long_tail_counts(
     allow_empty: bool = False,
     names: Sequence[object] | None = None,
 ) -> list[int]:
-    """Per-class long-tail counts for ``available`` given head first (spec §3, §6).
+    """Per-class long-tail counts for ``available`` given head first (docs/climbq.md, 'Long-tailed data').
 
     ``mode="recursive"`` (the original, ``longTailDataGeneator.py`` L41-52 and ``main.py`` L157-163):
     ``n_0 = available[0]``, ``n_i = min(floor(n_{i-1} / gamma^(1/(K-1))), available[i])``; the compounding
@@ -247,7 +248,7 @@ def long_tail_subset(
     num_classes: int | None = None,
     class_order: Sequence[int] | None = None,
 ) -> LongTailSubset:
-    """Sample a long-tailed subset of labelled in-memory data as the original generator does (spec §3).
+    """Sample a long-tailed subset of labelled in-memory data as the original generator does.
 
     Classes are ranked by :func:`long_tail_order` of their available counts (or ``class_order``, original
     class ids head first), counts come from :func:`long_tail_counts`, and the items of the class of rank
@@ -332,7 +333,7 @@ def write_long_tail_manifests(
     test_split: str | None = "test",
     counts_dir: str | os.PathLike | None = None,
 ) -> LongTailManifests:
-    """Write the original's manifests for an image folder ``data_dir/{train,test}/<class>/<files>`` (spec §3).
+    """Write the original's manifests for an image folder ``data_dir/{train,test}/<class>/<files>``.
 
     - ``<out_dir>/<stem>_train{gamma}.csv``: header ``image,label``, rows class by class (label 0 = head) in
       the original's sampled order (seed = class rank, nested across gamma);
