@@ -1128,11 +1128,17 @@ register_presets(NOTEBOOK, {
 
 
 class OneCycle(Callback):
-    """The code's schedule (§1.6): ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr)`` stepped every batch.
+    """The original code's default schedule: ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr)`` stepped every
+    batch (it also cycles SGD's momentum between 0.85 and 0.95).
 
     Use with ``TrainConfig(scheduler="none")``. ``total_steps`` = epochs x batches per epoch; extra steps
-    are ignored rather than raising.
+    are ignored rather than raising. ``state_dict`` holds the scheduler's position and the learning rate and
+    momentum it last gave every parameter group, so a resumed run takes its next step with exactly the values
+    the uninterrupted run uses (building ``OneCycleLR`` anew resets them to those of step 0).
     """
+
+    #: the parameter-group entries ``OneCycleLR`` drives (SGD's momentum, Adam's betas)
+    DRIVEN = ("lr", "momentum", "betas")
 
     def __init__(self, max_lr: float, total_steps: int) -> None:
         if total_steps < 1:
@@ -1144,20 +1150,31 @@ class OneCycle(Callback):
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=self.max_lr,
                                                          total_steps=self.total_steps)
-        if self._pending is not None:
-            self.sched.load_state_dict(self._pending)
-            for group, lr in zip(optimizer.param_groups, self.sched.get_last_lr(), strict=True):
-                group["lr"] = lr
+        if self._pending is None:
+            return
+        self.sched.load_state_dict(self._pending["sched"])
+        groups = self._pending.get("groups")
+        if groups is None:  # a checkpoint from before the groups were saved: the lr only
+            groups = [{"lr": lr} for lr in self.sched.get_last_lr()]
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(f"OneCycle state for {len(groups)} parameter groups, but the optimizer has "
+                             f"{len(optimizer.param_groups)}: resume with the interrupted run's optimizer")
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
+            group.update(saved)
+        self._pending = None
 
     def after_step(self, model: nn.Module) -> None:
         if self.sched is not None and self.sched.last_epoch < self.total_steps:
             self.sched.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.sched is None else {"sched": self.sched.state_dict()}
+        if self.sched is None:
+            return {}
+        groups = [{k: g[k] for k in self.DRIVEN if k in g} for g in self.sched.optimizer.param_groups]
+        return {"sched": self.sched.state_dict(), "groups": groups}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state.get("sched")
+        self._pending = dict(state) if state.get("sched") is not None else None
 
 
 class MixtureTrajectory(Callback):

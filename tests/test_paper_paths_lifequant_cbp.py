@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_fake_cifar  # noqa: E402  (the shared CIFAR faker)
 
 LQ_FIGURES = ["lifequant_accuracy_matrix", "lifequant_forgetting", "lifequant_task_curves"]
-CBP_FIGURES = ["cbp_accuracy", "cbp_constraint_function", "cbp_g_schedule", "cbp_lambda_cfs", "cbp_weight_histograms"]
+CBP_FIGURES = ["cbp_accuracy", "cbp_constraint_function", "cbp_g_schedule", "cbp_lambda_cfs", "cbp_per_class",
+               "cbp_weight_histograms"]
 OFFICE_CLASSES = [
     "back_pack", "bike", "bike_helmet", "bookcase", "bottle", "calculator", "desk_chair", "desk_lamp",
     "desktop_computer", "file_cabinet", "headphones", "keyboard", "laptop_computer", "letter_tray", "mobile_phone",
@@ -301,8 +302,9 @@ def _write_cbp_weights(root: Path) -> None:
 
 
 def _notebook_reads_cbp(m: dict) -> None:
-    """What the CBP notebook's cells read (cells 3-12), for every architecture."""
-    from paperlib.cbp import ablation_table, accuracy_table, expectations_table
+    """What the CBP notebook's cells read, for every architecture."""
+    from paperlib import claims
+    from paperlib.cbp import ablation_table, accuracy_table, expectations_table, findings, recovery_table
 
     check_json_native(m)
     arch = m["archs"][0]
@@ -313,8 +315,11 @@ def _notebook_reads_cbp(m: dict) -> None:
         for k in ("top1_mean", "cfs_mean", "cfs_scale_free_mean", "events_mean", "near_level_frac_mean"):
             assert c[k] is not None, k
         assert m["projected"][arch][mode]["top1"] is not None and m["figure1"]
-    assert not ablation_table(m).empty and not accuracy_table(m).empty
-    assert len(expectations_table(m)) == len(m["expectations"]) == 8
+        assert m["projected"][arch][mode]["top1_bn"] is not None  # projection + BN re-estimation
+    assert not ablation_table(m).empty and not accuracy_table(m).empty and not recovery_table(m).empty
+    recs = claims.from_records(m["claims"])  # the paperlib.claims records, shown by show_claims
+    assert len(expectations_table(m)) == len(recs) and m["expectations"] == m["claims"]
+    assert claims.summary_sentence(recs) in findings(m)
 
 
 def test_cbp_paper_preset_all_archs_driver(tmp_path, monkeypatch):
@@ -348,8 +353,10 @@ def test_cbp_paper_preset_all_archs_driver(tmp_path, monkeypatch):
     assert runs == [("resnet18", "bin", "ste"), ("resnet18", "bin", "cbp"), ("resnet18", "bin", "no_window"),
                     ("resnet18", "2bit", "cbp"), ("resnet50", "bin", "cbp"), ("resnet50", "2bit", "cbp"),
                     ("alexnet_bn", "bin", "cbp"), ("alexnet_bn", "2bit", "cbp")]
-    # one loader per run with the paper's batch for its architecture (+ the val loader, batch 256)
-    assert [b for train, b, _ in calls if train] == [256] * 4 + [128] * 2 + [256] * 2
+    # one loader per set and architecture for re-estimating the projected net's BN statistics, then one per run,
+    # each with the paper's batch for its architecture (+ the val loader, batch 256)
+    projected, runs = [256] * 2 + [128] * 2 + [256] * 2, [256] * 4 + [128] * 2 + [256] * 2
+    assert [b for train, b, _ in calls if train] == projected + runs
     assert [b for train, b, _ in calls if not train] == [256] and {w for *_, w in calls} == {1}
     lr = {k: h[0]["lr"] for k, h in m["history"].items()}
     assert lr == {"resnet18/bin/ste/seed0": 1e-3, "resnet18/bin/cbp/seed0": 1e-3, "resnet18/bin/no_window/seed0": 1e-3,
@@ -460,7 +467,7 @@ def test_cbp_notebook_paper_preset(run_dirs, tmp_path, monkeypatch):
     assert m["config"]["image_size"] == 16 and m["config"]["hparams"] == "paper" and m["archs"] == CBP_ARCHS
     assert len(m["per_seed"]) == 5 and res.key_value == m["key_metric"]["value"]  # 3 variants on ResNet-18
     nb = (res.run_dir / "cbp.ipynb").read_text()
-    assert "expectations held" in nb and "run recorded in" in nb
+    assert "What we found" in nb and "run recorded in" in nb
     assert {p.name for p in figs.iterdir()} == {f"{f}.{e}" for f in CBP_FIGURES for e in ("png", "pdf")}
 
 
