@@ -1,4 +1,5 @@
-"""LifeQuant: the spec's reference test vectors (§7, TV1-TV6, TV8), generators, BaLL, ProxQ, baselines."""
+"""LifeQuant: the reference vectors (docs/lifequant.md, "Reference vectors": computed with the original code's
+formulas, run on a CPU in float32), generators, BaLL, ProxQ, baselines, metrics."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import paperlib.lifequant as L
 from paperlib.models.resnet_cifar import ResNetCifar
 from paperlib.quant.core import ActSlot, QuantConv2d, QuantLinear
 
-W = [-1.0, -0.3, 0.0, 0.2, 0.45, 1.1]  # TV1
-X = [-0.5, 0.0, 0.03, 1 / 30, 0.1, 0.5, 0.9667, 1.2]  # TV2
+W = [-1.0, -0.3, 0.0, 0.2, 0.45, 1.1]  # reference vector 1
+X = [-0.5, 0.0, 0.03, 1 / 30, 0.1, 0.5, 0.9667, 1.2]  # reference vector 2
 S_4_9 = 0.4444444477558136  # float32(4/9)
 S_2_3 = 0.6666666865348816  # float32(2/3)
 
@@ -34,7 +35,7 @@ def _codes(q: torch.Tensor, bits: int) -> list[int]:
     return [int(c) for c in codes]
 
 
-# ----------------------------------------------------------------------------------------------- TV1 weights
+# -------------------------------------------------------------------------------------------- ref. 1 weights
 
 
 def test_tv1_standardized_weight_and_codes():
@@ -86,7 +87,7 @@ def test_tv1_variants_mobilenet_cdf_alignq():
 def test_unclipped_weight_levels_are_unbounded_and_clip_bounds_them():
     w = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0))
     levels = {k: L.quantize_weight(w, k).unique().numel() for k in (2, 4, 8)}
-    assert levels == {2: 13, 4: 63, 8: 827}  # spec §1.1: more than 2^k levels, not a true k-bit code
+    assert levels == {2: 13, 4: 63, 8: 827}  # more than 2^k levels: not a true k-bit code
     for k in (2, 4, 8):
         n = 2**k - 1
         assert L.quantize_weight(w, k, clip=True).unique().numel() == 2 * n + 1
@@ -124,7 +125,7 @@ def test_quantizer_bad_input():
         L.quantize_activation(torch.ones(3), 4, "relu")
 
 
-# ------------------------------------------------------------------------------------------- TV2 activations
+# ---------------------------------------------------------------------------------------- ref. 2 activations
 
 
 def test_tv2_activation_values_ties_and_gradient():
@@ -189,7 +190,7 @@ def test_quantize_lifequant_on_resnet():
         L.quantize_lifequant(model, 4, 4, skip="first")
 
 
-# ------------------------------------------------------------------------------------------ TV3 class split
+# --------------------------------------------------------------------------------------- ref. 3 class split
 
 
 def test_tv3_class_split():
@@ -230,7 +231,7 @@ def test_class_split_errors():
         L.class_split(10, 3, True)
 
 
-# --------------------------------------------------------------------------------------- TV4 replay rows
+# ------------------------------------------------------------------------------------ ref. 4 replay rows
 
 
 @pytest.mark.parametrize(
@@ -410,7 +411,7 @@ def test_domain_split_in_memory():
         L.domain_incremental_split(labels, domains, labels, domains, ["z"])
 
 
-# ------------------------------------------------------------------------------------------ TV5/TV6 BaLL
+# ------------------------------------------------------------------------------------------ ref. 5/6 BaLL
 
 
 def test_tv5_ball_scale_float32():
@@ -660,3 +661,89 @@ def test_lifelong_metrics():
         L.lifelong_metrics([[0.1, 0.2]])
     with pytest.raises(ValueError, match="finite"):
         L.lifelong_metrics([[0.9, nan], [nan, 0.8]])
+
+
+def test_forgetting_plus_bwt_is_the_rise_after_learning():
+    """docs/lifequant.md, "Metrics": F_T + BWT = mean_k (max_{k<=l<T-1} a[l,k] - a[k,k]) >= 0, so F_T = -BWT exactly
+    when no old task improved after it was learned; here task 0 rose from 0.5 to 0.9 after task 1."""
+    nan = math.nan
+    rose = [[0.5, nan, nan], [0.9, 0.8, nan], [0.3, 0.6, 0.7]]
+    m = L.lifelong_metrics(rose)
+    assert m["F_T"] == pytest.approx(0.4) and m["BWT"] == pytest.approx(-0.2)
+    assert L.forgetting_minus_bwt(rose) == pytest.approx(0.2) == pytest.approx(m["F_T"] + m["BWT"])
+    rng = np.random.default_rng(0)
+    for T in (2, 3, 5):
+        for _ in range(20):
+            a = np.tril(rng.uniform(size=(T, T)))
+            m = L.lifelong_metrics(a)
+            gap = L.forgetting_minus_bwt(a)
+            assert gap >= 0 and gap == pytest.approx(m["F_T"] + m["BWT"], abs=1e-12)
+            mono = np.tril(np.sort(rng.uniform(size=(T, T)), axis=0)[::-1])  # every column only falls
+            assert L.forgetting_minus_bwt(mono) == 0.0
+            assert L.lifelong_metrics(mono)["F_T"] == pytest.approx(-L.lifelong_metrics(mono)["BWT"], abs=1e-12)
+    assert math.isnan(L.forgetting_minus_bwt([[0.7]]))
+
+
+def test_learned_tasks_and_forgetting_on_learned_tasks():
+    """A task never learned (a[2,2] = 0, as paper mode's task 2 in an early digits run) cannot be forgotten: its
+    f_k is ~0 and would lower F_T; forgetting_on judges the learned tasks only."""
+    nan = math.nan
+    acc = [[1.0, nan, nan, nan], [0.0, 0.83, nan, nan], [0.2, 0.76, 0.0, nan], [0.4, 0.37, 0.01, 0.7]]
+    assert L.learned_tasks(acc) == [True, True, False, True]
+    assert L.learned_tasks(acc, 0.0) == [True] * 4
+    assert L.forgetting_per_task(acc) == pytest.approx([0.6, 0.46, -0.01])
+    assert L.forgetting_on(acc, [0, 1]) == pytest.approx(0.53)
+    assert L.lifelong_metrics(acc)["F_T"] == pytest.approx(1.05 / 3)  # lower: the unlearned task counts as ~0
+    assert math.isnan(L.forgetting_on(acc, []))
+    with pytest.raises(ValueError, match="not old tasks"):
+        L.forgetting_on(acc, [3])
+    with pytest.raises(ValueError, match="threshold"):
+        L.learned_tasks(acc, 50)
+
+
+def test_ball_log_form_trains_rare_classes_lower_logits():
+    """docs/lifequant.md, "BaLL": at the optimum of CE(φ + log s, y) over class frequencies p, softmax(φ + log s)
+    = p, i.e. φ = log p - log s + const. s_c = 1/(1 + C n_c/N) is largest for the rarest class, so its trained
+    logit ends *below* plain CE's (φ = log p): the opposite of a balanced softmax. And at equal logits a rare
+    sample's BaLL gradient is smaller than its CE gradient (its influence shrinks)."""
+    counts = {0: 300, 1: 300, 2: 60}  # two new classes and one replay-only class
+    s = L.ball_scale(counts)
+    assert s[2] > s[0] == s[1]
+    n = torch.tensor([float(v) for v in counts.values()])
+    p = n / n.sum()
+    y = torch.cat([torch.full((int(v),), c) for c, v in counts.items()])
+    svec = torch.tensor([s[c] for c in range(3)])
+    logits = {"ce": p.log(), "log": p.log() - svec.log()}  # the claimed optima (a bias-only model, convex loss)
+    for form, b in logits.items():
+        b = b.clone().requires_grad_(True)
+        z = b.expand(len(y), 3)
+        (F.cross_entropy(z, y) if form == "ce" else L.ball_loss(z, y, s)).backward()
+        assert b.grad.abs().max() < 1e-6, (form, b.grad)  # zero gradient: the minimum
+        logits[form] = logits[form] - logits[form][0]
+    assert logits["log"][2] < logits["ce"][2] - 0.4  # log(s_2 / s_0) = 0.62 lower
+    z = torch.zeros(1, 3, requires_grad=True)
+    L.ball_loss(z, torch.tensor([2]), s).backward()
+    g_ball = z.grad[0, 2].abs().item()
+    z.grad = None
+    F.cross_entropy(z, torch.tensor([2])).backward()
+    assert g_ball < z.grad[0, 2].abs().item()
+
+
+def test_importance_vanishes_on_data_the_model_fits():
+    """docs/lifequant.md, "ProxQ": F is a squared loss gradient at the labels, so on data the model already fits (as
+    task 0's replay right after task 0) it nearly vanishes, and with it the penalty."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, generator=gen)
+    x[:, 0] += x[:, 0].sign()  # a margin of 1 between the two classes
+    y = (x[:, 0] > 0).long()
+    model = nn.Linear(2, 2)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    before = sum(float(v.sum()) for v in L.importance(model, [batches], F.cross_entropy).values())
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert F.cross_entropy(model(x), y).item() < 0.02
+    after = sum(float(v.sum()) for v in L.importance(model, [batches], F.cross_entropy).values())
+    assert after < 1e-3 * before

@@ -1,4 +1,4 @@
-"""LifeQuant's data transforms (spec §1.6) and the crop feature of ``fit`` they need.
+"""LifeQuant's data transforms (docs/lifequant.md, "Training protocol") and the crop feature of ``fit`` they need.
 
 - CIFAR-100 (paper preset): ``Normalize((.4914, .4822, .4465), (.2023, .1994, .2010))``, the code's constants.
 - Office-31 / ImageCLEF: decoded at 256 x 256, training ``RandomCrop(224)`` + flip, test ``CenterCrop(224)``,
@@ -258,9 +258,9 @@ def test_ddp_with_crop_equals_one_process(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- Office / ImageCLEF
 def test_office_decoded_at_resize_with_center_cropped_test_and_imagenet_stats(tmp_path):
-    """Spec §1.6 at a small scale (decode 12 for 256, crop 8 for 224): train images are Resize((12, 12)) of the
-    files, test images Resize((12, 12)) -> CenterCrop(8), both ImageNet-normalised, as torchvision computes them;
-    class names are the folders'."""
+    """The original transforms (docs/lifequant.md, "Training protocol") at a small scale (decode 12 for 256, crop 8 for
+    224): train images are Resize((12, 12)) of the files, test images Resize((12, 12)) -> CenterCrop(8), both
+    ImageNet-normalised, as torchvision computes them; class names are the folders'."""
     root = make_fake_office(tmp_path)
     train, test, trd, ted = P.load_domain_data(root, "office31", 8, resize=12, mean=IMAGENET[0], std=IMAGENET[1])
     assert train.x.shape == (36, 3, 12, 12) and test.x.shape == (18, 3, 8, 8) and test.x.is_contiguous()
@@ -364,8 +364,8 @@ def no_md5(monkeypatch):
 
 
 def test_cifar100_paper_experiment_uses_the_code_normalisation(no_md5, tmp_path):
-    """The paper preset's CIFAR-100 experiment normalises with (.4914, .4822, .4465), (.2023, .1994, .2010) (spec
-    §1.6), not CIFAR-100's own statistics; without ``normalize`` the loader keeps CIFAR-100's."""
+    """The paper preset's CIFAR-100 experiment normalises with (.4914, .4822, .4465), (.2023, .1994, .2010) (original
+    code: ``main.py``), not CIFAR-100's own statistics; without ``normalize`` the loader keeps CIFAR-100's."""
     raw = make_fake_cifar(tmp_path, "cifar100")
     exp = {**next(e for e in presets.resolve("lifequant", "paper")["experiments"] if e["dataset"] == "cifar100"),
            "num_tasks": 1, "drop_rate": 0.0}

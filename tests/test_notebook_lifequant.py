@@ -1,5 +1,6 @@
 """The LifeQuant notebook executed with papermill at the smoke preset; assertions on the metrics it records."""
 
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from paperlib.runs import read_json
 
 pytestmark = pytest.mark.notebooks
 
-FIGURES = ["lifequant_accuracy_matrix", "lifequant_forgetting", "lifequant_task_curves"]
+FIGURES = ["lifequant_accuracy_matrix", "lifequant_forgetting", "lifequant_per_class", "lifequant_task_curves",
+           "lifequant_task_curves_baselines"]
 
 
 def test_lifequant_smoke(run_dirs, tmp_path):
@@ -39,6 +41,17 @@ def test_lifequant_smoke(run_dirs, tmp_path):
     for row in m["summary"]:
         assert math.isclose(row["A_T_mean"], [r for r in m["runs"] if r["method"] == row["method"]][0]
                             ["metrics"]["A_T"])
+    # claims: records of paperlib.claims; one seed, so every interval claim is undecidable with n = 1
+    recs = {c["id"]: c for c in m["claims"]}
+    assert [k for k in recs if k.startswith("A")] == [f"A{i}" for i in range(1, 12)] and "Q1" in recs
+    assert all(c["verdict"] == "undecidable" and c["n"] == 1 for k, c in recs.items() if k != "Q1")
+    assert recs["Q1"]["verdict"] == "held" and recs["Q1"]["n"] == 1
+    assert all(c["source"].startswith(("LifeQuant paper", "original code")) for c in recs.values())
+    nb = (res.run_dir / "lifequant.ipynb").read_text()
+    assert "docs/lifequant.md" in nb and "What we found" in nb and "Of 12 claims" in nb
+    cell = next(c for c in json.loads(nb)["cells"] if "show_claims(" in "".join(c["source"]))
+    table = "".join("".join(o.get("data", {}).get("text/html", "")) for o in cell["outputs"])
+    assert "…" not in table and "..." not in table and recs["A2"]["claim"] in table  # every cell in full
     published = {p.name: p.read_bytes() for p in figs.iterdir()}
     assert set(published) == {f"{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")}
     again = tmp_path / "again"

@@ -30,7 +30,8 @@ from paperlib.runs import check_json_native, read_json, write_json
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_fake_cifar  # noqa: E402  (the shared CIFAR faker)
 
-LQ_FIGURES = ["lifequant_accuracy_matrix", "lifequant_forgetting", "lifequant_task_curves"]
+LQ_FIGURES = ["lifequant_accuracy_matrix", "lifequant_forgetting", "lifequant_per_class", "lifequant_task_curves",
+              "lifequant_task_curves_baselines"]
 CBP_FIGURES = ["cbp_accuracy", "cbp_constraint_function", "cbp_g_schedule", "cbp_lambda_cfs", "cbp_per_class",
                "cbp_weight_histograms"]
 OFFICE_CLASSES = [
@@ -122,6 +123,15 @@ def _notebook_reads_lifequant(m: dict) -> None:
     assert set(checks["holds"].map(type)) <= {bool, type(None)}
     for s in m["summary"]:
         assert m["method_labels"][s["method"]]
+    # the claims records (one seed: every interval claim is undecidable, n reported) and "What we found"
+    from paperlib.claims import from_records
+    from paperlib.lifequant import verdicts
+
+    recs = from_records(m["claims"])
+    assert recs and all(c.verdict == "undecidable" for c in recs if c.direction != "descriptive")
+    assert all(c.n <= 1 for c in recs if c.direction != "descriptive")
+    assert lq.findings(m).startswith("**What we found**")
+    assert verdicts.ft_bwt_agreement(m)[1] == len({(r["experiment"], r["method"]) for r in m["runs"]})
 
 
 # ----------------------------------------------------------------------------------------------- LifeQuant
@@ -141,13 +151,14 @@ def test_lifequant_paper_cifar100_resnet20_driver(no_md5, tmp_path):
     assert m["dataset"] == "cifar100" and m["device"] == "cpu"
     (exp,) = m["experiments"]
     assert exp["model"] == "resnet20" and m["methods"] == methods and len(m["runs"]) == 3
-    # spec §3: CIFAR-100, d = 0.25, T = 3 -> 66/66/68 classes (here one image each), 20 % replay
+    # docs/lifequant.md, 'Splits and replay': CIFAR-100, d = 0.25, T = 3 -> 66/66/68 classes (here one image
+    # each), 20 % replay
     assert [len(c) for c in exp["classes"]] == [66, 66, 68]
     assert exp["rows"]["train"] == [66, 66, 68] and exp["rows"]["replay"] == [13, 13, 14]
     assert exp["rows"]["paper_training"] == [66, 66 + 13, 68 + 13 + 13]
     assert (exp["schedule"]["batch_size"], exp["schedule"]["augment"], exp["schedule"]["quantizer"]) == \
         (128, True, "standardize")
-    # spec §1.6: the code normalises CIFAR-100 with (.4914, .4822, .4465), (.2023, .1994, .2010), no crop
+    # original code (main.py): it normalises CIFAR-100 with (.4914, .4822, .4465), (.2023, .1994, .2010), no crop
     assert exp["normalize"] == [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]] and exp["resize"] is None
     assert exp["schedule"]["crop"] is None
     for run in m["runs"]:
@@ -182,7 +193,8 @@ def test_lifequant_paper_office_imageclef_driver(tmp_path, monkeypatch):
     assert (office["num_tasks"], clef["num_tasks"]) == (3, 4)
     # the class folders' names, in label order (Office: sorted names; ImageCLEF: the numeric folders)
     assert office["class_names"] == OFFICE_CLASSES and clef["class_names"] == [str(c) for c in range(12)]
-    # spec §1.6: ImageNet normalisation, decoded at `resize` (here 20 for 256), random/center crops of 16 (224)
+    # original code (Office main.py): ImageNet normalisation, decoded at `resize` (here 20 for 256), random/center
+    # crops of 16 (224)
     for exp in (office, clef):
         assert exp["normalize"] == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]] and exp["resize"] == 20
         assert exp["schedule"]["crop"] == 16 and exp["schedule"]["augment"] is True
@@ -436,7 +448,7 @@ def test_lifequant_notebook_paper_preset(run_dirs, tmp_path, monkeypatch):
     assert (mbv2["ball_form"], mbv2["prox_qnoise"]) == ("mult", True)
     assert all(r["diverged"] is None for r in m["runs"]) and res.key_value == m["key_metric"]["value"]
     nb = (res.run_dir / "lifequant.ipynb").read_text()
-    assert "Table 4." in nb and "run recorded in" in nb
+    assert "Table 4." in nb and "What we found" in nb and "run recorded in" in nb
     # the figures are published (redrawing from metrics.json is checked on the driver's metrics, above)
     assert {p.name for p in figs.iterdir()} == {f"{f}.{e}" for f in LQ_FIGURES for e in ("png", "pdf")}
 

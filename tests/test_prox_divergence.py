@@ -1,13 +1,14 @@
-"""LifeQuant's ProxQ penalty in ``python -m paperlib train`` (issue 9 follow-up): λ = 100 used to diverge.
+"""LifeQuant's ProxQ penalty in ``python -m paperlib train``: λ = 100 used to diverge.
 
-Cause: the CLI took ProxQ's importance ``F`` (eval mode, spec §1.2) from the freshly quantized FP32 net, whose BN
-running statistics are the FP32 net's. LifeQuant's quantizers standardise the weights, so with those statistics the
-eval-mode net is at chance (top-1 ~0.1, BaLL loss ~4.5) and its squared gradients are ~1e4 too large (max F 587 vs
-0.08 with statistics of the quantized net, ResNet-20, 3 FP32 epochs). SGD then multiplies the most important
-weights' distance to θ_old by ~|1 - lr·2λF| per step: lr·2λ·max F = 1170 (stable only below 2(1 + momentum) = 3.8),
-so the penalty reached 1e14 within two epochs on ResNet-8 and inf on ResNet-20 (batch 8). The spec never meets this:
-its F comes from a quantized net already trained at its width. Fix: re-estimate the BN statistics of the quantized
-start (no weight changes) before F; a λ whose curvature SGD cannot follow is refused with the largest stable λ.
+Cause: the CLI took ProxQ's importance ``F`` (eval mode, docs/lifequant.md, "ProxQ") from the freshly quantized FP32
+net, whose BN running statistics are the FP32 net's. LifeQuant's quantizers standardise the weights, so with those
+statistics the eval-mode net is at chance (top-1 ~0.1, BaLL loss ~4.5) and its squared gradients are ~1e4 too large
+(max F 587 vs 0.08 with statistics of the quantized net, ResNet-20, 3 FP32 epochs). SGD then multiplies the most
+important weights' distance to θ_old by ~|1 - lr·2λF| per step: lr·2λ·max F = 1170 (stable only below 2(1 +
+momentum) = 3.8), so the penalty reached 1e14 within two epochs on ResNet-8 and inf on ResNet-20 (batch 8). The
+original never meets this: its F comes from a quantized net already trained at its width. Fix: re-estimate the BN
+statistics of the quantized start (no weight changes) before F; a λ whose curvature SGD cannot follow is refused
+with the largest stable λ.
 
 Thresholds measured (ResNet-8, digits, 1 FP32 epoch + 2 LifeQuant epochs, λ = 100, seed 0): test top-1 0.884,
 penalty 0.020/0.047 per epoch, lr·2λ·max F = 0.098 (before the fix: top-1 0.20, penalty 2e8 and 1e14).
@@ -75,7 +76,7 @@ def test_prox_stability_accepts_stable_lambda():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--method", "lifequant", "--lam", "100"], "--fp-epochs N"),
-    (["--method", "lifequant", "--lam", "-1", "--fp-epochs", "1"], "--lam must be >= 0"),
+    (["--method", "lifequant", "--lam", "-1", "--fp-epochs", "1"], "ProxQ lambda must be a finite number >= 0"),
     (["--method", "climbq", "--lam", "100", "--fp-epochs", "1"], "applies to --method lifequant"),
 ])
 def test_bad_lambda_is_named(argv, needle, capsys, tmp_path):

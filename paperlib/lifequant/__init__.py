@@ -1,20 +1,30 @@
 """LifeQuant (Chen, Yang, Chen, ICCV 2023): ProxQ + BaLL for lifelong quantization.
 
-Spec: ``shared/papers/lifequant.md``. The shipped code differs from the paper (§1.2-1.3, §5); each function
-cites the spec section it implements and names the variant it follows.
+The method, the original code's behaviour and every departure are described in ``docs/lifequant.md``; the shipped
+code differs from the paper's figure and abstract (docs/lifequant.md, "Paper mode and code mode"), so each function
+names the variant it follows and the original code's file.
 
-- :mod:`.quant` — quantizers (§1.1): ``quantize_weight``, ``quantize_activation``, their modules,
-  ``quantize_lifequant``.
-- :mod:`.ball` — BaLL (§1.3): ``class_counts``, ``ball_scale``, ``ball_loss``, ``BaLLLoss``.
-- :mod:`.prox` — ProxQ's penalty and the baselines' importance (§1.2, §1.7).
-- :mod:`.splits` — task / replay generators (§3), in memory and for image folders.
-- :mod:`.metrics` — ``A_T``, ``F_T``, ``BWT`` (§2).
-- :mod:`.pipeline` — the 32 -> 8 -> 4-bit lifelong pipeline (§2, §5: ``mode="paper"``/``"code"``, baselines),
-  the notebook's driver ``run_lifequant``, its tables and the §6 checks.
+- :mod:`.quant` — quantizers (docs/lifequant.md, "Quantizers"): ``quantize_weight``, ``quantize_activation``,
+  their modules, ``quantize_lifequant``.
+- :mod:`.ball` — BaLL ("BaLL"): ``class_counts``, ``ball_scale``, ``ball_loss``, ``BaLLLoss``.
+- :mod:`.prox` — ProxQ's penalty and the baselines' importance ("ProxQ", "Baselines").
+- :mod:`.splits` — task / replay generators ("Splits and replay"), in memory and for image folders.
+- :mod:`.metrics` — ``A_T``, ``F_T``, ``BWT``, learned tasks ("Metrics").
+- :mod:`.pipeline` — the 32 -> 8 -> 4-bit lifelong pipeline ("Training protocol"; ``mode="paper"``/``"code"``,
+  baselines), the presets, the notebook's driver ``run_lifequant`` and its tables.
+- :mod:`.verdicts` — the notebook's claims and its "What we found" paragraph ("Claims and verdicts").
 """
 
 from .ball import BALL_FORMS, BaLLLoss, ball_loss, ball_scale, class_counts, read_reweight, scale_vector
-from .metrics import accuracy_matrix, lifelong_metrics
+from .metrics import (
+    LEARNED_THRESHOLD,
+    accuracy_matrix,
+    forgetting_minus_bwt,
+    forgetting_on,
+    forgetting_per_task,
+    learned_tasks,
+    lifelong_metrics,
+)
 from .pipeline import (
     METHOD_LABELS,
     METHOD_PRESETS,
@@ -101,6 +111,7 @@ __all__ = [
     "load_domain_data",
     "make_method", "make_schedule", "mean_accuracy_matrix", "method_specs", "pretrain_table", "run_lifelong",
     "run_lifequant", "state_fingerprint", "summary_table", "task0_start",
+    "LEARNED_THRESHOLD", "forgetting_minus_bwt", "forgetting_on", "forgetting_per_task", "learned_tasks",
     "ACT_QUANTIZERS", "BALL_FORMS", "DEFAULT_LAMBDA", "IMAGECLEF", "METHODS", "MOBILENET_CIFAR_WEIGHT_STD",
     "NOOP_IN_ORIGINAL", "OFFICE31", "PAIRED_ACTIVATION", "WEIGHT_QUANTIZERS", "BaLLLoss",
     "LifeQuantActivation", "LifeQuantWeight", "LifelongFiles", "LifelongSplit", "accuracy_matrix",

@@ -1,4 +1,5 @@
-"""BaLL, the balanced lifelong loss (spec §1.3): class counts, the scale ``s_c`` and the three loss forms.
+"""BaLL, the balanced lifelong loss (docs/lifequant.md, "BaLL"): class counts, the scale ``s_c`` and the three loss
+forms.
 
 ``s_c = 1 / ((n_c / N + 1 / C) · C) = 1 / (1 + C n_c / N)`` over the rows of ``train_t ∪ replay_0 ∪ … ∪
 replay_{t-1}`` (``count_classes.py``), computed in float32 as the original does. Loss forms, all mean-reduced:
@@ -38,7 +39,8 @@ def _labels_array(labels: object, what: str = "labels") -> np.ndarray:
 
 
 def class_counts(*labels: Iterable[int] | Tensor | np.ndarray) -> dict[int, int]:
-    """``n_c`` over the concatenation of label sequences, keys in first-appearance order (spec §1.3).
+    """``n_c`` over the concatenation of label sequences, keys in first-appearance order
+    (original code: ``lifelong_data_generation/count_classes.py``).
 
     ``class_counts(train_t, replay_0, ..., replay_{t-1})``; overlapping classes are summed.
     """
@@ -52,7 +54,8 @@ def class_counts(*labels: Iterable[int] | Tensor | np.ndarray) -> dict[int, int]
 
 def ball_scale(counts: Mapping[int, int]) -> dict[int, float]:
     """``s_c = 1 / ((n_c / N + 1 / C) · C)`` in float32, returned as Python floats in the order of ``counts``
-    (spec §1.3, TV5). A class at the balanced frequency ``N / C`` gets 0.5, a rare (replay-only) class tends
+    (``count_classes.py``; reference vector 5 of docs/lifequant.md). A class at the balanced frequency ``N / C`` gets
+    0.5, a rare (replay-only) class tends
     to 1, a frequent one goes below 0.5.
     """
     if not isinstance(counts, Mapping):
@@ -78,7 +81,8 @@ def scale_vector(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The dense ``[num_classes]`` scale: ``s_c`` for the classes in ``scale``, 1.0 for the others (§1.3).
+    """The dense ``[num_classes]`` scale: ``s_c`` for the classes in ``scale``, 1.0 for the others
+    (``utils/lifelong.py``).
 
     ``scale`` is a mapping (int or JSON string keys, as ``reweight_{t}.json``) or a full-length vector.
     """
@@ -104,7 +108,8 @@ def scale_vector(
 
 
 def ball_loss(logits: Tensor, labels: Tensor, scale: Scale, form: BallForm = "log") -> Tensor:
-    """Mean BaLL loss (spec §1.3, TV6). ``form``: ``"log"`` = ``CE(φ + log s, y)`` (figure, default),
+    """Mean BaLL loss (docs/lifequant.md, "BaLL"; reference vector 6). ``form``: ``"log"`` = ``CE(φ + log s, y)``
+    (figure, default),
     ``"softmax_add"`` = ``CE(φ + softmax(φ) s, y)`` (R20 code), ``"mult"`` = ``CE(φ s, y)`` (MobileNetV2
     code).
 

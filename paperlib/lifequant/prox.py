@@ -1,4 +1,5 @@
-"""ProxQ's proximal penalty and the lifelong baselines' importance measures (spec §1.2, §1.7).
+"""ProxQ's proximal penalty and the lifelong baselines' importance measures (docs/lifequant.md, "ProxQ" and
+"Baselines"; original code: ``utils/lifelong.py``).
 
 Every method regularises with ``λ · Σ_i Ω_i (θ_i - θ_i^old)²`` over all parameters, ``θ^old`` being the model
 when task ``t`` starts and ``λ = 100``. They differ in ``Ω``, computed once per task in ``model.eval()`` mode
@@ -40,7 +41,7 @@ NOOP_IN_ORIGINAL: tuple[str, ...] = ("si", "rwalk")
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """``θ^old``: detached copies of the trainable parameters (taken when a task starts, spec §1.2)."""
+    """``θ^old``: detached copies of the trainable parameters (taken when a task starts, docs/lifequant.md, "ProxQ")."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -123,7 +124,8 @@ def qnoise_loss(
     repeats: int = QNOISE_REPEATS,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """MobileNetV2-CIFAR's simulated-quantization-error term (spec §1.2), averaged over ``repeats`` draws:
+    """MobileNetV2-CIFAR's simulated-quantization-error term (docs/lifequant.md, "ProxQ"), averaged over ``repeats``
+    draws:
 
     ``(1/R) Σ_r -log mean_{i,c}[log_softmax(head(h + ε_r))_{ic} · log_softmax(z)_{ic}]``,
     ``ε_r ~ U(-Δ, Δ)`` elementwise, ``Δ = act_range / (2^bits - 1)`` (the original uses the *weight*
@@ -154,7 +156,8 @@ def importance(
     act_range: float = ACT_RANGE,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """LifeQuant's EWC-style diagonal importance ``F`` (spec §1.2, ``ll_method='ours'``).
+    """LifeQuant's EWC-style diagonal importance ``F`` (docs/lifequant.md, "ProxQ";
+    ``utils/lifelong.py``, ``ll_method='ours'``).
 
     In ``model.eval()`` mode, for every batch ``b`` of every loader (``None`` entries skipped, so ``[None]``
     at task 0 gives ``F ≡ 0``): zero the grads, ``ℓ_b = loss_fn(model(x), y)``, backward, ``F += grad²``;
@@ -187,12 +190,13 @@ def importance(
 
 
 def ewc_importance(model: nn.Module, loaders: Loaders) -> dict[str, Tensor]:
-    """EWC (§1.7): ``Ω = (1/B) Σ_b (∇ CE_b)²`` in eval mode."""
+    """EWC (original code: ``utils/lifelong.py``): ``Ω = (1/B) Σ_b (∇ CE_b)²`` in eval mode."""
     return importance(model, loaders, F.cross_entropy)
 
 
 def mas_importance(model: nn.Module, loaders: Loaders) -> dict[str, Tensor]:
-    """MAS (§1.7): ``Ω = (1/B) Σ_b |∇ mean_i ‖z_i‖²|`` in eval mode (absolute gradient, not squared)."""
+    """MAS (original code: ``utils/lifelong.py``): ``Ω = (1/B) Σ_b |∇ mean_i ‖z_i‖²|`` in eval mode (absolute gradient,
+    not squared)."""
     return _accumulate(model, loaders, lambda x, y, _: model(x).square().sum(dim=1).mean(), power=1)
 
 
@@ -200,7 +204,8 @@ def scp_importance(
     model: nn.Module, loaders: Loaders, num_projections: int = SCP_PROJECTIONS,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """SCP as shipped (§1.7): ``Ω = (1/B) Σ_b |∇ (1/L) Σ_ξ ξ · mean_i z_i|``, ``L`` fresh unit vectors per
+    """SCP as shipped (original code: ``utils/lifelong.py``): ``Ω = (1/B) Σ_b |∇ (1/L) Σ_ξ ξ · mean_i z_i|``, ``L``
+    fresh unit vectors per
     batch. ``ξ``: float64 Gaussian columns normalised to unit length, then cast (``sample_spherical``); the
     original draws them from the unseeded NumPy global RNG, here from ``generator`` (CPU) when given.
     """
@@ -226,7 +231,8 @@ def method_importance(
     generator: torch.Generator | None = None,
     **kwargs: Any,
 ) -> dict[str, Tensor]:
-    """``Ω`` of a lifelong method by its ``ll_method`` name (§1.7): ``ours`` (:func:`importance` with
+    """``Ω`` of a lifelong method by its ``ll_method`` name (docs/lifequant.md, "Baselines"): ``ours``
+    (:func:`importance` with
     ``loss_fn``, extra keywords passed on), ``ewc``, ``mas``, ``scp``, ``original`` (zeros).
 
     ``si``/``rwalk`` raise ``NotImplementedError``: in the original they are no-ops (``Ω ≡ 0``, i.e. exactly
@@ -262,7 +268,7 @@ def prox_penalty(
     *,
     fused: bool = True,
 ) -> Tensor:
-    """ProxQ's proximal term ``λ · Σ_i F_i (θ_i - θ_i^old)²`` (spec §1.2, §1.4), differentiable in ``θ``.
+    """ProxQ's proximal term ``λ · Σ_i F_i (θ_i - θ_i^old)²`` (docs/lifequant.md, "ProxQ"), differentiable in ``θ``.
 
     Sums over the model's parameters that have an entry in ``importance`` (parameters without one count as
     ``F = 0``); each needs a matching ``old_params`` entry (:func:`snapshot`). Recompute it every iteration.
@@ -401,7 +407,8 @@ class _ProxFn(torch.autograd.Function):
 def cdf_prox_penalty(
     model: nn.Module, bits: int, beta: float, act_range: float = ACT_RANGE, straight_through: bool = False
 ) -> Tensor:
-    """Optional ``prox_cdf_weight`` term (spec §5): ``β · Σ_layers Σ cdf_space_error(W_layer)`` over the
+    """Optional ``prox_cdf_weight`` term (docs/lifequant.md, "ProxQ"): ``β · Σ_layers Σ cdf_space_error(W_layer)`` over
+    the
     quantized weight layers. Off in the original (the function is never called). ``straight_through=False`` by
     default because with the original's STE the term has zero gradient (see :func:`cdf_space_error`).
     """

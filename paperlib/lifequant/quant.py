@@ -1,4 +1,5 @@
-"""LifeQuant quantizers (spec §1.1): the shipped "standardize" quantizer, the development CDF quantizer and
+"""LifeQuant quantizers (docs/lifequant.md, "Quantizers"; original code: ``model/quantization.py``): the shipped
+"standardize" quantizer, the development CDF quantizer and
 AlignQ, as pure functions plus thin ``nn.Module``s for :func:`paperlib.quant.quantize_model`.
 
 ``Q_k(v) = round(v n) / n`` with ``n = 2^k - 1`` (``torch.round``: half to even), straight-through backward;
@@ -19,7 +20,7 @@ Activations (``quantizer=``): ``"clamp"`` (shipped R20): ``Q_k(clamp(x, 0, 1))``
 (MobileNetV2-CIFAR): ``Q_k(clamp(0.5 (x - mean) / std, 0, 1))`` over the whole batch tensor; ``"cdf"``
 (development): ``Q_k(r (2 Φ(x) - 1))``; ``"alignq"``: ``r (2 Q_k(Φ(x)) - 1)``, ``r = act_range = 2``.
 
-Choice (spec is silent for cdf/alignq): at 32 bits every quantizer is the identity (the shipped one is; the
+Choice (the original is silent for cdf/alignq): at 32 bits every quantizer is the identity (the shipped one is; the
 development activation returned the unquantized CDF value ã in its 'align' stage, which is not reproduced).
 """
 
@@ -64,7 +65,8 @@ class _QkSTE(torch.autograd.Function):
 
 
 def quantize_k(x: Tensor, bits: int) -> Tensor:
-    """``Q_k(x)`` of spec §1.1: ``round(x (2^k - 1)) / (2^k - 1)``; ``sign`` at k = 1; identity at 32; STE."""
+    """``Q_k(x)`` (docs/lifequant.md, "Quantizers"): ``round(x (2^k - 1)) / (2^k - 1)``; ``sign`` at k = 1; identity at
+    32; STE."""
     bits = check_bits(bits)
     if bits == FULL_PRECISION:
         return x
@@ -82,14 +84,15 @@ def _round_k(x: Tensor, bits: int) -> Tensor:
 def clamp_inclusive(x: Tensor, low: float, high: float) -> Tensor:
     """``clamp(x, low, high)`` whose gradient is 1 on the closed interval ``[low, high]`` and 0 outside.
 
-    That is ``torch.clamp``'s gradient in the torch the spec's test vectors came from (2.13, spec §1.1, TV2:
-    the endpoints pass the gradient). torch 2.14 gives 0 at the endpoints, so the rule is written out here.
+    That is ``torch.clamp``'s gradient in the torch 2.13 the reference vectors were computed with (reference
+    vector 2 of docs/lifequant.md: the endpoints pass the gradient). torch 2.14 gives 0 at the endpoints, so the rule
+    is written out here.
     """
     inside = (x >= low) & (x <= high)
     return torch.where(inside, x, x.detach().clamp(low, high))
 
 
-# Fused paths (issue 9) for the shipped quantizers, float32/float64: the forward runs the reference's float ops
+# Fused paths for the shipped quantizers, float32/float64: the forward runs the reference's float ops
 # in place on one buffer (bit-identical values), the backward is analytic and saves one tensor.
 _FUSED_DTYPES = (torch.float32, torch.float64)
 # hardtanh_backward passes the gradient strictly inside (lo, hi); these bounds make that [0, 1] inclusive:
@@ -104,7 +107,7 @@ def _std_scale_merges(std: float) -> bool:
 
 
 class _StandardizeQkFn(torch.autograd.Function):
-    """``Q_k(std (w - mean w) / std(w))`` with the STE and the gradient through mean and std (TV1):
+    """``Q_k(std (w - mean w) / std(w))`` with the STE and the gradient through mean and std (reference vector 1):
     with ``z = (w - mu)/s``: ``dL/dw = (std / s) (g - mean g - z <g, z>/(N - 1))``. ``z`` and ``s`` are
     internal tensors, kept on ``ctx``."""
 
@@ -165,7 +168,7 @@ def _standardized_qk(z: Tensor, n: int, std: float, out: Tensor | None) -> Tenso
 
 
 class _ClampQkFn(torch.autograd.Function):
-    """``Q_k(clamp(x, 0, 1))``; backward: the gradient on the closed interval [0, 1], 0 outside (TV2)."""
+    """``Q_k(clamp(x, 0, 1))``; backward: the gradient on the closed interval [0, 1], 0 outside (reference vector 2)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, n: int) -> Tensor:  # noqa: D102
@@ -219,7 +222,8 @@ def standardize(x: Tensor, std: float = SHIPPED_WEIGHT_STD) -> Tensor:
 
 
 def cdf_space(w: Tensor) -> Tensor:
-    """The development "standard space" ``u = 2 Φ((w - μ_w) / σ_w) - 1`` in (-1, 1) (spec §1.1)."""
+    """The development "standard space" ``u = 2 Φ((w - μ_w) / σ_w) - 1`` in (-1, 1) (docs/lifequant.md,
+    "Quantizers")."""
     return normal_cdf(w, w.mean(), w.std()) * 2 - 1
 
 
@@ -233,7 +237,8 @@ def quantize_weight(
     fused: bool = True,
     native: bool | None = None,
 ) -> Tensor:
-    """LifeQuant weight quantizer (spec §1.1, TV1); straight-through, identity at 32 bits.
+    """LifeQuant weight quantizer (docs/lifequant.md, "Quantizers"; reference vector 1); straight-through, identity at
+    32 bits.
 
     ``quantizer``: ``"standardize"`` (shipped, default; ``std=0.125`` gives the MobileNetV2-CIFAR
     variant), ``"cdf"`` (development build) or ``"alignq"``. ``clip=True`` clips the standardised weight to
@@ -315,7 +320,8 @@ def quantize_weights(
 def quantize_activation(
     x: Tensor, bits: int, quantizer: ActQuantizer = "clamp", *, act_range: float = ACT_RANGE, fused: bool = True
 ) -> Tensor:
-    """LifeQuant activation quantizer (spec §1.1, TV2); straight-through, identity at 32 bits.
+    """LifeQuant activation quantizer (docs/lifequant.md, "Quantizers"; reference vector 2); straight-through, identity
+    at 32 bits.
 
     ``"clamp"`` (shipped, default): ``Q_k(clamp(x, 0, 1))``, gradient 1 on [0, 1] (endpoints included), 0
     outside.
@@ -350,8 +356,9 @@ def quantize_activation(
 def cdf_space_error(
     w: Tensor, bits: int, act_range: float = ACT_RANGE, straight_through: bool = True
 ) -> Tensor:
-    """Per-element CDF-space quantization error ``|Q_k(u) - u| / (2^k - 1) · 2 act_range · 0.01`` (§1.2,
-    ``lifelong.weight_quantize_fn``, TV8), ``u`` from :func:`cdf_space`. Never called in the original.
+    """Per-element CDF-space quantization error ``|Q_k(u) - u| / (2^k - 1) · 2 act_range · 0.01`` (original
+    code: ``utils/lifelong.py``, ``weight_quantize_fn``; reference vector 8), ``u`` from :func:`cdf_space`. Never
+    called in the original.
 
     ``straight_through=True`` is the original (``Q_k`` with identity backward): then the gradient of the error
     with respect to ``w`` is exactly zero, so as a loss term it does nothing. ``False`` uses plain rounding,
@@ -438,7 +445,7 @@ def quantize_lifequant(
     fused: bool = True,
     native: bool | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place the LifeQuant way (spec §1.1) and return it.
+    """Quantize ``model`` in place the LifeQuant way (docs/lifequant.md, "Quantizers") and return it.
 
     Every conv is quantized (stem and 1x1 shortcuts included); ``skip="linear"`` keeps every ``nn.Linear``
     (the classifier) in full precision as the original does; pass layer names to choose otherwise. Every

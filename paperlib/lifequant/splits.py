@@ -1,4 +1,5 @@
-"""Lifelong task and replay splits (spec §3, ``lifelong_data_generation/``), for any number of tasks.
+"""Lifelong task and replay splits (docs/lifequant.md, "Splits and replay"; original code:
+``lifelong_data_generation/``), for any number of tasks.
 
 Class-incremental (CIFAR, digits; ``lifeLongDataGeneator.py``): shuffle the class ids with ``seed``,
 ``m = int(K / (1 + d (T - 1)))`` classes per task, ``step = int(m d)``; task ``i`` takes
@@ -74,7 +75,7 @@ def _check_seed(seed: object) -> int:
 
 
 def class_order(num_classes: int, seed: int = DEFAULT_SEED) -> list[int]:
-    """``np.random.seed(seed); np.random.shuffle(arange(K))`` without the global RNG (spec §3, TV3)."""
+    """``np.random.seed(seed); np.random.shuffle(arange(K))`` without the global RNG (reference vector 3)."""
     order = np.arange(_check_int("num_classes", num_classes, 1))
     np.random.RandomState(_check_seed(seed)).shuffle(order)
     return order.tolist()
@@ -98,7 +99,8 @@ def class_split(
     *,
     allow_degenerate: bool = False,
 ) -> list[list[int]]:
-    """The classes of each task (spec §3, TV3): ``m = int(K / (1 + d (T - 1)))``, ``step = int(m d)``, task
+    """The classes of each task (``lifeLongDataGeneator.py``; reference vector 3): ``m = int(K / (1 + d (T - 1)))``,
+    ``step = int(m d)``, task
     ``i`` = ``order[i·step : i·step + m]``, the last task ``order[(T-1)·step:]``.
 
     ``drop_rate`` ``d`` is the fraction of a task's classes replaced at each switch, in [0, 1] (``d = 1``:
@@ -146,7 +148,7 @@ def _check_rate(rate: object) -> float:
 
 def replay_positions(n: int, rate: float, seed: int = DEFAULT_SEED) -> list[int]:
     """The rows ``DataFrame.sample(frac=rate, replace=False, random_state=seed)`` picks from ``n`` rows, in
-    its order: ``RandomState(seed).permutation(n)[:round(rate n)]`` (spec §3, TV4)."""
+    its order: ``RandomState(seed).permutation(n)[:round(rate n)]`` (``replayDataGeneator.py``; reference vector 4)."""
     n = _check_int("n", n, 0)
     r = _check_rate(rate)
     return np.random.RandomState(_check_seed(seed)).permutation(n)[: round(r * n)].tolist()
@@ -156,7 +158,7 @@ def task_indices(
     labels: Sequence[int] | np.ndarray | Tensor, classes_per_task: Sequence[Sequence[int]]
 ) -> list[np.ndarray]:
     """For each task, the positions of the samples whose label is one of its classes, grouped by class in the
-    task's class order, original order within a class (spec §3). Returns int64 arrays."""
+    task's class order, original order within a class (``lifeLongDataGeneator.py``). Returns int64 arrays."""
     lab = _labels_array(labels)
     out = []
     for t, classes in enumerate(classes_per_task):
@@ -178,7 +180,7 @@ def domain_task_indices(
     order: Sequence[object],
 ) -> list[np.ndarray]:
     """One task per domain in ``order``: the positions of its samples grouped by class id (ascending),
-    original order within a class (spec §3, domain-incremental)."""
+    original order within a class (the ``*_office.py``/``*_image_CLEF.py`` generators)."""
     lab = _labels_array(labels)
     dom = np.asarray(domains.detach().cpu().numpy() if isinstance(domains, Tensor) else domains)
     if dom.shape != lab.shape:
@@ -197,7 +199,8 @@ class LifelongSplit:
     """Per-task index arrays into the train / test data, the replay samples and BaLL's scale per task.
 
     ``replay[t]`` is a subset of ``train[t]`` (indices into the *train* data), used by tasks after ``t``;
-    ``counts[t]``/``scale[t]`` are over ``train[t] ∪ replay[0] … replay[t-1]`` (duplicates counted, §1.3).
+    ``counts[t]``/``scale[t]`` are over ``train[t] ∪ replay[0] … replay[t-1]`` (duplicates counted, as
+    ``count_classes.py``).
     """
 
     classes: list[list[int]]
@@ -264,7 +267,8 @@ def class_incremental_split(
     num_classes: int | None = None,
     allow_degenerate: bool = False,
 ) -> LifelongSplit:
-    """Class-incremental lifelong split of in-memory data (spec §3): :func:`class_split` over
+    """Class-incremental lifelong split of in-memory data (docs/lifequant.md, "Splits and replay"):
+    :func:`class_split` over
     ``num_classes`` (default: largest label + 1), the samples of each task's classes, replay and BaLL
     scales."""
     tr, te = _labels_array(train_labels, "train_labels"), _labels_array(test_labels, "test_labels")
@@ -285,7 +289,8 @@ def domain_incremental_split(
     replay_rate: float = DOMAIN_REPLAY_RATE,
     seed: int = DEFAULT_SEED,
 ) -> LifelongSplit:
-    """Domain-incremental lifelong split of in-memory data (spec §3): one task per domain in ``order``."""
+    """Domain-incremental lifelong split of in-memory data (docs/lifequant.md, "Splits and replay"): one
+    task per domain in ``order``."""
     if isinstance(order, str) or len(order) == 0 or len(set(order)) != len(order):
         raise ValueError(f"order={order!r} must be a non-empty sequence of distinct domains")
     tr, te = _labels_array(train_labels, "train_labels"), _labels_array(test_labels, "test_labels")
@@ -382,7 +387,8 @@ def write_class_incremental(
     test_dir: str = "test",
     allow_degenerate: bool = False,
 ) -> LifelongFiles:
-    """Class-incremental CSVs from ``data_dir/{train,test}/{class}/{file}`` (spec §3, CIFAR as images).
+    """Class-incremental CSVs from ``data_dir/{train,test}/{class}/{file}`` (``lifeLongDataGeneator.py``, CIFAR as
+    images).
 
     Labels are the indices of the sorted class folder names; the ``image`` column is
     ``{train_dir}/{class}/{file}`` (relative to ``data_dir``). Writes ``train{t}.csv``, ``test{t}.csv``,
@@ -423,7 +429,8 @@ def write_domain_incremental(
     train_dir: str = "train",
     test_dir: str = "test",
 ) -> LifelongFiles:
-    """Domain-incremental CSVs (spec §3, Office-31 / ImageCLEF): one task per domain, in the given order, from
+    """Domain-incremental CSVs (``lifeLongDataGeneator_office.py`` / ``_image_CLEF.py``, Office-31 /
+    ImageCLEF): one task per domain, in the given order, from
     ``data_dir/{domain}/{subdir}/{train,test}/{class}/{file}``; the ``image`` column is that path relative to
     ``data_dir``. Classes come from the first domain's train folder: ``"sorted"`` names (Office) or
     ``"numeric"`` folders ``0..n-1`` with label = the number (ImageCLEF). Presets: ``**OFFICE31``,
