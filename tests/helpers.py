@@ -30,3 +30,17 @@ def sample_mixture(mu, sigma, pi, n, seed=0, spread=1.0):
     g = torch.Generator().manual_seed(seed)
     comp = torch.multinomial(pi.abs() / pi.abs().sum(), n, replacement=True, generator=g)
     return mu[comp] + spread * sigma[comp] * torch.randn(n, generator=g, dtype=mu.dtype)
+
+
+def write_notebook(path, body="pass", params='preset = "smoke"\noutput_dir = ""'):
+    """A two-cell notebook at ``path``: ``params`` in the cell tagged ``parameters``, then ``body``."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path

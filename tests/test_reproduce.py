@@ -4,6 +4,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import write_notebook
 
 from paperlib.reproduce import ParameterError, check_parameters, reproduce, summary_frame
 from paperlib.runs import read_json
@@ -12,14 +13,7 @@ PARAMS = 'preset = "smoke"\nvalue = 1\noutput_dir = ""'
 
 
 def _notebook(path: Path, body: str, params: str = PARAMS) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, body, params)
 
 
 RECORD = """

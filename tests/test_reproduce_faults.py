@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+from helpers import write_notebook
 from matplotlib.figure import Figure
 
 from paperlib import presets
@@ -39,14 +40,7 @@ REAL_REPLACE = os.replace
 
 
 def _notebook(path: Path, body: str = "pass", params: str = PARAMS) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, body, params)
 
 
 class Disk:

@@ -14,6 +14,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+from helpers import write_notebook
 
 from paperlib.__main__ import main
 from paperlib.runs import OWNER_FILE, read_json, sweep_stale_runs
@@ -24,14 +25,7 @@ PARAMS = 'preset = "smoke"\noutput_dir = ""'
 
 
 def _notebook(path: Path, body: str, params: str = PARAMS) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(body)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, body, params)
 
 
 def _gone(pid: int, within: float = 20.0) -> bool:
