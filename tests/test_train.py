@@ -190,12 +190,12 @@ def test_train_config_accepts_numpy_numbers_and_edges():
         TrainConfig(nesterov=True, momentum=0.0)
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"num_classes": 0}, "num_classes=0"), ({"num_classes": 2.0}, "num_classes=2.0"),
-    ({"num_classes": True}, "num_classes=True"), ({"in_channels": 0}, "in_channels=0"),
+@pytest.mark.parametrize("kwargs, error, needle", [
+    ({"num_classes": 0}, ValueError, "num_classes=0"), ({"num_classes": 2.0}, TypeError, "num_classes=2.0"),
+    ({"num_classes": True}, TypeError, "num_classes=True"), ({"in_channels": 0}, ValueError, "in_channels=0"),
 ])
-def test_create_model_refuses_zero_classes_or_channels(kwargs, needle):
-    with pytest.raises(ValueError, match=needle):
+def test_create_model_refuses_zero_classes_or_channels(kwargs, error, needle):
+    with pytest.raises(error, match=needle):
         create_model("resnet20", **{"num_classes": 10, "in_channels": 1, **kwargs})
     assert create_model("resnet8", num_classes=1, in_channels=1).fc.out_features == 1
 

@@ -38,7 +38,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create_model("resnet20", num_classes=10, in_channels=1)``.
 
     ``num_classes`` and ``in_channels`` must be ints >= 1 (a 0-class head or a 0-channel stem builds a net
-    that only fails at its first forward); ``ValueError`` names the argument."""
+    that only fails at its first forward): a non-int raises ``TypeError``, an int < 1 ``ValueError``, each
+    naming the argument."""
     try:
         builder = MODELS[name]
     except KeyError:
@@ -46,8 +47,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
     for key, what in COUNTS.items():
         if key in kwargs:
             v = kwargs[key]
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"create_model({name!r}, {key}={v!r}): {key} is {what}, an int >= 1")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"create_model({name!r}, {key}={v!r}): {key} must be an int >= 1 ({what})")
+            if v < 1:
+                raise ValueError(f"create_model({name!r}, {key}={v!r}): {key} must be an int >= 1 ({what})")
     return builder(**kwargs)
 
 
