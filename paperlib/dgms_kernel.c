@@ -1,4 +1,4 @@
-/* paperlib.dgms native CPU kernel: S(w) of spec 1.4 and its backward, one pass per tile of weights. */
+/* paperlib.dgms native CPU kernel: S(w) (docs/dgms.md, 'Soft assignment') and its backward, one pass per tile. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -184,7 +184,8 @@ int dgms_backward_##SFX(int64_t n, int K, const T *w, const T *g, const T *m, co
     return failed;                                                                                          \
 }                                                                                                           \
 /* A DGMSWeight layer from its raw parameters: m = [0, mu_rest], s = |sigma|, p = |pi| / sum |pi|, t = tau, with    \
-   the guards of spec 2 (s >= SIGMA_MIN, t >= TAU_MIN; hits[0/1] += 1 when one fired) when guards != 0; the         \
+   the guards of docs/dgms.md, 'Departures' (s >= SIGMA_MIN, t >= TAU_MIN; hits[0/1] += 1 when one fired) when      \
+   guards != 0; the                                                                                                 \
    backward chains dL/d(m, s, p, t) through these maps exactly as autograd would (abs: sign, clamp: x >= min). */   \
 static int prep_##SFX(int K, const T *mu_rest, const T *sigma, const T *pi, const T *tau, int guards, T *m, T *s,   \
                       T *p, T *t, T *asum) {                                                                        \

@@ -1,4 +1,5 @@
-"""The DGMS soft assignment's native CPU kernel (issue 9): build, cache and load ``dgms_kernel.c``.
+"""The DGMS soft assignment's native CPU kernel (docs/dgms.md, 'Implementation'): build, cache and load
+``dgms_kernel.c``.
 
 The C source beside this module is compiled once per machine and CPU with the system C compiler and loaded
 through ctypes; :mod:`paperlib.dgms` calls it through ``_DGMSNative`` and falls back to its torch path when
@@ -16,11 +17,11 @@ from .native import build_library, load_lazily, native_cache_dir, status
 __all__ = ["native_cache_dir", "native_status"]
 
 # ----------------------------------------------------------------------------------------------------------
-# native CPU kernel (issue 9): the same S(w) and backward as _SoftWeights, one fused pass per tile of weights
+# native CPU kernel: the same S(w) and backward as _SoftWeights, one fused pass per tile of weights
 # ----------------------------------------------------------------------------------------------------------
 # A small C file compiled once per machine with the system C compiler (``-O3 -march=native -fopenmp``, cached
 # under ``native_cache_dir()``) and called through ctypes (no host sync, no Python loop over weights). From a
-# layer's raw parameters (mu_rest, sigma, pi, tau; the §2 guards and their counters included) it computes, per
+# layer's raw parameters (mu_rest, sigma, pi, tau; the guards and their counters included) it computes, per
 # tile of 32 weights held as SIMD lanes, the log-joint, the responsibilities (log-sum-exp form, EPS included),
 # the softmax and S(w) in L1; backward recomputes the tile and forms the analytical gradients of _SoftWeights,
 # then chains them through |sigma|, |pi|/sum|pi| and the clamps as autograd would. Nothing of size

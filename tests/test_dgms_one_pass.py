@@ -1,4 +1,4 @@
-"""DGMS's soft assignment of all layers in one pass (issue 9: the chunked torch path a GPU runs, one autograd node
+"""DGMS's soft assignment of all layers in one pass (the chunked torch path a GPU runs, one autograd node
 and one loop for the whole model instead of one per layer): the per-layer values and gradients."""
 
 import copy

@@ -1,7 +1,7 @@
-"""The fast DGMS soft assignment (issue 9): the native CPU kernel against a straightforward reference kept here
-(the code's formula, linear space, plain autograd), float64 gradcheck, the spec's vectors through the kernel,
-thread-count independence, memory (nothing [K, #weights] saved), the fallback; and the paper preset's parts
-(issue 8: CIFAR-10 with ResNet-20 and VGG-Small beside ImageNet)."""
+"""The fast DGMS soft assignment: the native CPU kernel against a straightforward reference kept here
+(the code's formula, linear space, plain autograd), float64 gradcheck, the reference vectors (docs/dgms.md)
+through the kernel, thread-count independence, memory (nothing [K, #weights] saved), the fallback; and the paper
+preset's parts (CIFAR-10 with ResNet-20 and VGG-Small beside ImageNet)."""
 
 import math
 import pickle
@@ -23,8 +23,9 @@ LOGITS = ["responsibility", "log_responsibility"]
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_soft(w, mu, sigma, pi, tau, logits="responsibility"):
-    """Spec §1.4 written out: r = pi~ N / (sum pi~ N + 1e-11), a = softmax(r / tau) (or of log(pi~ N) / tau),
-    S = sum_k a_k mu_k with mu_0 = 0; pi~ = |pi| / sum |pi|, only |sigma| matters."""
+    """The soft assignment (docs/dgms.md, 'Soft assignment') written out: r = pi~ N / (sum pi~ N + 1e-11),
+    a = softmax(r / tau) (or of log(pi~ N) / tau), S = sum_k a_k mu_k with mu_0 = 0; pi~ = |pi| / sum |pi|, only
+    |sigma| matters."""
     m = torch.cat([mu[:1].detach() * 0, mu[1:]])
     s = sigma.abs()
     p = pi.abs() / pi.abs().sum()
@@ -120,21 +121,21 @@ def test_native_gradcheck_float64(logits):
 
 
 @needs_native
-def test_spec_vectors_through_the_native_kernel():
+def test_reference_vectors_through_the_native_kernel():
     mu = torch.tensor([0.0, -0.25, -0.1, 0.1, 0.25], requires_grad=True)
     sigma = torch.tensor([0.02, 0.05, 0.03, 0.03, 0.05])
     pi = torch.tensor([0.3, 0.15, 0.2, 0.2, 0.15])
     w0 = torch.tensor([-0.31, -0.12, -0.04, 0.0, 0.015, 0.06, 0.11, 0.27])
     hard = [-0.25, -0.1, 0.0, 0.0, 0.0, 0.1, 0.1, 0.25]
     idx = torch.arange(1, 9, dtype=torch.float32)
-    # TV-1 (tau = 0.01)
+    # reference vector 1 (tau = 0.01)
     w = w0.clone().requires_grad_()
     s = native(w, mu, sigma, pi, 0.01)
     assert (s - torch.tensor(hard)).abs().max().item() < 1e-17
     (idx * s).sum().backward()
     assert mu.grad.tolist() == [0.0, 1.0, 2.0, 13.0, 8.0]
     assert w.grad.abs().max().item() < 1e-13
-    # TV-2 (tau = 1), tolerances as in tests/test_dgms.py
+    # reference vector 2 (tau = 1), tolerances as in tests/test_dgms.py
     mu.grad = None
     w = w0.clone().requires_grad_()
     s = native(w, mu, sigma, pi, 1.0)
@@ -261,7 +262,7 @@ def test_paper_preset_offers_vgg_small_beside_resnet20_on_cifar10():
     assert list(parts) == ["imagenet", "CIFAR-10"]
     c = parts["CIFAR-10"]
     assert c["dataset"] == "cifar10" and c["models"] == ["resnet20", "vgg_small"]
-    # spec §1.6, CIFAR-10 column
+    # the original code's CIFAR-10 set-up (tools/train_cifar.sh; docs/dgms.md, 'Training protocol')
     assert (c["num_components"], c["init"], c["epochs"], c["batch_size"], c["lr"], c["momentum"],
             c["weight_decay"], c["schedule"], c["selection"]) == ([4], "empirical", 350, 128, 2e-5, 0.9, 5e-4,
                                                                  "onecycle", "best_test")
@@ -315,7 +316,7 @@ def test_paper_parts_run_the_part_whose_data_is_present(tmp_path, monkeypatch):
     _fake_cifar10(tmp_path / "data")
     tiny = dict(fp_epochs=1, fp_batch_size=10, epochs=1, batch_size=10, eval_batch_size=30, baselines=["kmeans"],
                 init_probes=["empirical"], n_init=1, probe_samples=4, hist_layers=1, hist_bins=10, curve_points=20,
-                traj_points_per_epoch=1)
+                traj_points_per_epoch=1, fp32_control=False)
     cfg = presets.resolve("dgms", "paper")
     cfg.update(num_threads=1, parts=[{**dgms.CIFAR10_PART, **tiny, "models": ["resnet8", "vgg_small"]}])
     with pytest.raises(DataError, match="holds the data of no part"):

@@ -10,10 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ["paperlib", "notebooks", "tests", "benchmarks", "docs", "README.md"]
-# The DGMS files are being rewritten (claims, docs page) and still cite private notes; the list shrinks to
-# empty when that rework lands, and the DGMS docs test below then passes (its xfail is strict).
-PENDING = {"notebooks/dgms.ipynb", "paperlib/dgms.py", "paperlib/dgms_native.py", "tests/test_dgms.py",
-           "tests/test_dgms_one_pass.py", "tests/test_fused_dgms.py", "tests/test_notebook_dgms.py"}
+# Files exempt from the scan while a rework is pending (empty: the DGMS rework has landed).
+PENDING: set[str] = set()
 SUFFIXES = {".py", ".ipynb", ".md", ".c", ".h", ".toml", ".yml"}
 FORBIDDEN = re.compile(
     r"spec\s*§|§\s*[\d.]+\s+of the spec|\bthe spec\b|\bspec\.md|shared/papers|\.\./shared|\bshared/notes"
@@ -50,8 +48,7 @@ def test_the_pattern_catches_what_it_must():
         assert not FORBIDDEN.search(ok), ok
 
 
-@pytest.mark.parametrize("paper", ["climbq", "lifequant", pytest.param(
-    "dgms", marks=pytest.mark.xfail(strict=True, reason="the DGMS notebook does not link its docs page yet")), "cbp"])
+@pytest.mark.parametrize("paper", ["climbq", "lifequant", "dgms", "cbp"])
 def test_docs_page_exists_and_is_linked(paper):
     page = ROOT / "docs" / f"{paper}.md"
     assert page.is_file() and len(page.read_text()) > 2000, f"docs/{paper}.md missing or a stub"
