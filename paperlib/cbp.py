@@ -76,7 +76,7 @@ import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -86,6 +86,7 @@ from torch import Tensor, nn
 from . import claims
 from .device import cpu_threads
 from .presets import register_presets
+from .quant.config import QuantConfig
 from .quant.core import QuantConv2d, QuantLinear, quantize_model
 from .train import Callback
 
@@ -577,8 +578,10 @@ LAMBDA_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
-class CBPConfig:
-    """Hyper-parameters of :class:`CBP` (defaults: the original code, main.py; sources in brackets)."""
+class CBPConfig(QuantConfig):
+    """Hyper-parameters of :class:`CBP` (defaults: the original code, main.py; sources in brackets), and the CBP
+    config of :func:`paperlib.quantize_` (weights only): ``CBPConfig(mode="ter")`` gives every layer outside
+    ``skip`` a :class:`CBPWeight` of that mode with the scale ``mean|w|`` of its weights."""
 
     mode: str = "bin"  # quantization set, paper Sec. 4 [paper = code]
     # "cbp": windowed cs with the g schedule [paper = code]; "no_window": cs = Y (g = inf) from the start
@@ -612,6 +615,12 @@ class CBPConfig:
             raise ValueError(f"grad_clip={self.grad_clip}: use a positive value or None")
         if self.clamp is not None and not (len(self.clamp) == 2 and self.clamp[0] < self.clamp[1]):
             raise ValueError(f"clamp={self.clamp}: use (low, high) with low < high, or None")
+        self.check_common()
+
+    method: ClassVar[str] = "cbp"
+
+    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
+        return CBPWeight.factory(self.mode)(layer)
 
 
 def next_g(g: int) -> int:

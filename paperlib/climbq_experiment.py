@@ -52,6 +52,7 @@ from .data.long_tail import CIFAR10_LT_ORDER, SYNDIGITS_LT_ORDER, long_tail_coun
 from .data.tensors import InMemoryData, TensorLoader
 from .levene import capture_features, dispersion, f_critical, homogeneity_bounds, levene_features
 from .models import create_model
+from .models.features import logits_and_features
 from .presets import register_presets
 from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
@@ -502,7 +503,8 @@ def sigma_deviation(labels: Sequence[int] | np.ndarray | Tensor, num_classes: in
 
 
 class HomoVarCriterion(Callback):
-    """Criterion and callback: ``HomoVarLoss(counts)(fc(f), y, f)`` with ``f = forward_features(x)`` computed once.
+    """Criterion and callback: ``HomoVarLoss(counts)(fc(f), y, f)`` with ``f = forward_features(x)`` computed once
+    (on a model without ``forward_features``: the input of its last ``nn.Linear``, :func:`logits_and_features`).
 
     Per epoch it adds ``homovar_fraction_out`` (mean over steps of the fraction of classes out of bounds),
     ``homovar_steps_all_in`` (the share of steps with no class out of bounds) and ``homovar_W`` to the history;
@@ -532,8 +534,8 @@ class HomoVarCriterion(Callback):
             self._sums[key], self._counts[key] = s, n
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        feats = model.forward_features(x)
-        loss = self.loss(model.fc(feats), y, feats)
+        logits, feats = logits_and_features(model, x)
+        loss = self.loss(logits, y, feats)
         step = self.loss.last
         for key, v in (("fraction_out", step.fraction_out), ("all_in", (step.fraction_out == 0).double()),
                        ("W", step.W), ("n_lb", step.n_lb), ("n_ub", step.n_ub), ("beta", step.beta),

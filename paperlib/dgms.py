@@ -62,8 +62,9 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -78,6 +79,7 @@ from .dgms_native import _NATIVE_DTYPES, _NATIVE_MAX_K, _native_lib, native_cach
 from .models import create_model, load_weights
 from .presets import register_presets
 from .pretrain import pretrained_fp32
+from .quant.config import QuantConfig, check_int, check_positive
 from .quant.core import QuantConv2d, QuantLinear, compiling, quantize_model
 from .quant.uniform import DoReFaWeight
 from .stats import format_mean_ci, summarize
@@ -919,6 +921,50 @@ def quantize_dgms(
     check_num_components(num_components)
     return quantize_model(model, weight=lambda layer: DGMSWeight.from_layer(layer, num_components, **kwargs),
                           skip=dgms_skip(model) if skip is None else skip)
+
+
+@dataclass(frozen=True)
+class DGMSConfig(QuantConfig):
+    """DGMS for :func:`paperlib.quantize_` (weights only): one K-component mixture per conv but the first
+    (``skip="dgms"``: the first ``Conv2d`` and every ``Linear`` stay FP32, docs/dgms.md, 'Which layers'),
+    initialised by :func:`init_mixture` (``init``: "kmeans" or "empirical"; ``n_init`` k-means restarts, ``seed``).
+    ``DGMSConfig(num_components=16)``: 4 bit; ``tau``, ``learn_tau``, ``logits``, ``hard_argmax`` and ``guards``
+    as in :class:`DGMSWeight` (defaults: the original code's)."""
+
+    num_components: int = 16
+    tau: float = TAU_INIT
+    learn_tau: bool = True
+    logits: str = "responsibility"
+    hard_argmax: str = "softmax"
+    guards: bool = True
+    init: str = "kmeans"
+    n_init: int = 10
+    seed: int = 0
+    skip: str | tuple[str, ...] = "dgms"
+    activation: str = "none"
+    SKIP_RULES: ClassVar[tuple[str, ...]] = ("dgms", "first_last", "last", "linear", "none")
+    method: ClassVar[str] = "dgms"
+
+    def __post_init__(self) -> None:
+        check_num_components(self.num_components)
+        check_positive(self.tau, "tau")
+        _check_logits(self.logits)
+        if self.hard_argmax not in HARD_ARGMAX:
+            raise ValueError(f"hard_argmax={self.hard_argmax!r}: use 'softmax' (the code) or 'log_joint' (exact)")
+        if self.init not in ("kmeans", "empirical"):
+            raise ValueError(f"init={self.init!r}: use 'kmeans' or 'empirical' (sigma = 0.01)")
+        check_int(self.n_init, "n_init", 1, 1000)
+        if self.activation != "none":
+            raise ValueError(f"activation={self.activation!r}: DGMS quantizes weights only; use 'none'")
+        self.check_common()
+
+    def skip_layers(self, model: nn.Module) -> list[str]:
+        return dgms_skip(model) if self.skip == "dgms" else super().skip_layers(model)
+
+    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
+        return DGMSWeight.from_layer(layer, self.num_components, method=self.init, seed=self.seed,
+                                     n_init=self.n_init, tau=self.tau, learn_tau=self.learn_tau,
+                                     logits=self.logits, hard_argmax=self.hard_argmax, guards=self.guards)
 
 
 def dgms_layers(model: nn.Module) -> dict[str, QuantConv2d | QuantLinear]:
@@ -2724,11 +2770,11 @@ def findings(metrics: dict[str, Any]) -> list[str]:
 
 
 __all__ = [
-    "BASELINES", "BestTestSelection", "CIFAR10_PART", "FP32_CONTROL_NAME", "INIT_BN_NAME", "MixtureTrajectory",
-    "OneCycle", "PAPER_NUMBERS", "VARIANTS", "boundary_probe", "check_claims", "claims_table", "compression_table",
-    "dgms_claims", "experiment_parts", "findings", "fp32_model", "gradient_transmission", "hard_argmax_mode",
-    "hard_weights_cached", "hardness_table", "kmeans_memo", "kmeans_share", "load_dgms_data", "model_transmission",
-    "paper_numbers_table", "recalibrate_bn", "results_table", "run_dgms", "shared_layer_names",
+    "BASELINES", "BestTestSelection", "CIFAR10_PART", "DGMSConfig", "FP32_CONTROL_NAME", "INIT_BN_NAME",
+    "MixtureTrajectory", "OneCycle", "PAPER_NUMBERS", "VARIANTS", "boundary_probe", "check_claims", "claims_table",
+    "compression_table", "dgms_claims", "experiment_parts", "findings", "fp32_model", "gradient_transmission",
+    "hard_argmax_mode", "hard_weights_cached", "hardness_table", "kmeans_memo", "kmeans_share", "load_dgms_data",
+    "model_transmission", "paper_numbers_table", "recalibrate_bn", "results_table", "run_dgms", "shared_layer_names",
     "shared_model_bytes", "soft_eval", "soft_hard_curves", "summarize_runs", "validate_settings", "variant_roles",
     "what_we_found", "CHUNK_ELEMENTS", "DGMSWeight", "EPS", "EXPORT_FORMAT", "KMEANS_DESCRIPTION", "SIGMA_MIN",
     "TAU_INIT", "TAU_MIN", "bits_of", "check_num_components", "compression_report", "dgms_layers", "dgms_skip",

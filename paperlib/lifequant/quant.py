@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..quant import native as _native
+from ..quant.config import QuantConfig, check_positive
 from ..quant.core import compiling, quantize_model, refuse_double_backward, standardize_flat
 from ..quant.core import scalar_operand as _c
 from ..quant.uniform import FULL_PRECISION, check_bits
@@ -471,3 +473,42 @@ def quantize_lifequant(
         activation=lambda: LifeQuantActivation(act_bits, act_q, act_range, fused=fused),
         skip=list(skip),
     )
+
+
+@dataclass(frozen=True)
+class LifeQuantConfig(QuantConfig):
+    """LifeQuant's quantizers for :func:`paperlib.quantize_` (docs/lifequant.md, "Quantizers"): the same layers
+    and quantizers as :func:`quantize_lifequant`. ``LifeQuantConfig(bits=4)``: W4A4 with the shipped
+    "standardize" weights and "clamp" activations; every conv quantized, every ``nn.Linear`` FP (``skip``)."""
+
+    bits: int = 4
+    act_bits: int | None = None
+    quantizer: str = "standardize"
+    clip: bool = False
+    std: float = SHIPPED_WEIGHT_STD
+    act_quantizer: str | None = None
+    act_range: float = ACT_RANGE
+    skip: str | tuple[str, ...] = "linear"
+    activation: str = "auto"
+    method: ClassVar[str] = "lifequant"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.act_bits is not None:
+            check_bits(self.act_bits)
+        _check_name(self.quantizer, WEIGHT_QUANTIZERS, "quantizer")
+        if self.act_quantizer is not None:
+            _check_name(self.act_quantizer, ACT_QUANTIZERS, "act_quantizer")
+        if not isinstance(self.clip, bool):
+            raise TypeError(f"clip={self.clip!r}: must be True or False")
+        check_positive(self.std, "std")
+        check_positive(self.act_range, "act_range")
+        self.check_common()
+
+    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
+        return LifeQuantWeight(self.bits, self.quantizer, self.clip, self.std)
+
+    def activation_quantizer(self) -> nn.Module | None:
+        bits = self.bits if self.act_bits is None else self.act_bits
+        act_q = PAIRED_ACTIVATION[self.quantizer] if self.act_quantizer is None else self.act_quantizer
+        return None if bits == FULL_PRECISION else LifeQuantActivation(bits, act_q, self.act_range)

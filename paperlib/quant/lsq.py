@@ -9,10 +9,13 @@ weights or from the first activation batch seen in training.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .config import QuantConfig
 from .core import compiling, round_ste
 from .uniform import FULL_PRECISION, check_bits
 
@@ -103,3 +106,33 @@ class LSQActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
+
+
+@dataclass(frozen=True)
+class LSQConfig(QuantConfig):
+    """LSQ (Esser et al. 2020) for :func:`paperlib.quantize_`: learned step sizes for weights (signed, step
+    initialised from each layer's weight) and activations (unsigned by default, step initialised from the first
+    training batch). ``LSQConfig(bits=4)``: W4A4, first and last layers FP32; ``act_signed=True`` for layers
+    whose input can be negative (e.g. after a linear bottleneck)."""
+
+    bits: int = 4
+    act_bits: int | None = None
+    act_signed: bool = False
+    skip: str | tuple[str, ...] = "first_last"
+    activation: str = "auto"
+    method: ClassVar[str] = "lsq"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, range(2, 17))
+        if self.act_bits is not None:
+            check_bits(self.act_bits, range(2, 17))
+        if not isinstance(self.act_signed, bool):
+            raise TypeError(f"act_signed={self.act_signed!r}: must be True or False")
+        self.check_common()
+
+    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
+        return LSQWeight(self.bits, layer.weight)
+
+    def activation_quantizer(self) -> nn.Module | None:
+        bits = self.bits if self.act_bits is None else self.act_bits
+        return None if bits == FULL_PRECISION else LSQActivation(bits, signed=self.act_signed)

@@ -10,10 +10,13 @@ observation), so a larger fixed ``c`` suits short fine-tuning from FP32. ``k = 3
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .config import QuantConfig, check_positive
 from .core import round_ste, ste
 
 FULL_PRECISION = 32
@@ -95,3 +98,33 @@ class ClippedActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip={self.clip}"
+
+
+@dataclass(frozen=True)
+class UniformConfig(QuantConfig):
+    """The uniform baseline for :func:`paperlib.quantize_`: DoReFa weights and clipped activations.
+
+    ``UniformConfig(bits=4)`` quantizes weights and activations at 4 bits (``act_bits`` sets the activations
+    apart; 32 keeps them in full precision); first and last layers stay FP32 (``skip``); ``act_clip`` is the
+    activation range [0, c]; ``activation`` the placement (:mod:`paperlib.quant.config`)."""
+
+    bits: int = 4
+    act_bits: int | None = None
+    act_clip: float = 1.0
+    skip: str | tuple[str, ...] = "first_last"
+    activation: str = "auto"
+    method: ClassVar[str] = "uniform"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.act_bits is not None:
+            check_bits(self.act_bits)
+        check_positive(self.act_clip, "act_clip")
+        self.check_common()
+
+    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
+        return DoReFaWeight(self.bits)
+
+    def activation_quantizer(self) -> nn.Module | None:
+        bits = self.bits if self.act_bits is None else self.act_bits
+        return None if bits == FULL_PRECISION else ClippedActivation(bits, self.act_clip)
