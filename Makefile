@@ -23,7 +23,7 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal $(ARGS)
 
 figures: $(STAMP)
 	$(PY) -m paperlib figures
