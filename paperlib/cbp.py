@@ -317,6 +317,11 @@ class CBPWeight(nn.Module):
         check_mode(mode)
         return lambda layer: cls(mode, layer.weight.detach().abs().mean())
 
+    def prepare_compile(self, w: Tensor) -> None:
+        """Fill the factor constants for ``w``'s dtype and device before ``torch.compile`` traces the forward
+        (:mod:`paperlib.compiled`): filling them during the first compiled call would recompile the second."""
+        _factor_constants(self.mode, w.dtype, w.device)
+
     def levels(self) -> Tensor:
         """The layer's levels ``Q = s * F`` (sorted, on the buffer's device)."""
         return self.factors * self.scale
@@ -1370,8 +1375,8 @@ def _predicted_classes(report: Mapping[str, Any]) -> int:
 
 def _bn_recalibrated(model: nn.Module, data: Any, batches: int, device: torch.device) -> nn.Module:
     """``model`` with every BatchNorm's running statistics re-estimated on ``batches`` training batches (no
-    weight update; :func:`paperlib.dgms.recalibrate_bn`, unshuffled batches of 256 of an ``InMemoryData``)."""
-    from .dgms import recalibrate_bn
+    weight update; :func:`paperlib.batchnorm.recalibrate_bn`, unshuffled batches of 256 of an ``InMemoryData``)."""
+    from .batchnorm import recalibrate_bn
 
     recalibrate_bn(model, data, batches=batches, batch_size=256, device=device)
     return model

@@ -59,14 +59,13 @@ def is_compiled(model: nn.Module) -> bool:
 def _prepare(model: nn.Module) -> None:
     """Fill the module-level caches the quantizers read in their forward, for the model's dtype and device, so
     that the first compiled call does not fill them (dynamo guards on a cache's contents: filling it during the
-    first call recompiles on the second). Today: CBP's factor constants (``paperlib.cbp._factor_constants``)."""
-    from . import cbp
-
+    first call recompiles on the second): every weight quantizer with a ``prepare_compile(weight)`` method gets
+    it called (today CBP's, which fills its factor constants)."""
     for m in model.modules():
-        q = getattr(m, "weight_quantizer", None)
+        prepare = getattr(getattr(m, "weight_quantizer", None), "prepare_compile", None)
         w = getattr(m, "weight", None)
-        if isinstance(q, cbp.CBPWeight) and isinstance(w, torch.Tensor):
-            cbp._factor_constants(q.mode, w.dtype, w.device)
+        if callable(prepare) and isinstance(w, torch.Tensor):
+            prepare(w)
 
 
 def compile_model(model: nn.Module, mode: str = "default", *, inplace: bool = False, dynamic: bool | None = False,

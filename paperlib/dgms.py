@@ -71,9 +71,10 @@ import torch
 from torch import Tensor, nn
 
 from . import claims as claimlib
+from .batchnorm import recalibrate_bn
 from .data.errors import DataError
 from .data.load import load_dataset
-from .data.tensors import InMemoryData, TensorLoader
+from .data.tensors import InMemoryData
 from .device import cpu_threads
 from .dgms_native import _NATIVE_DTYPES, _NATIVE_MAX_K, _native_lib, native_cache_dir, native_status
 from .models import create_model, load_weights
@@ -1452,37 +1453,6 @@ def kmeans_share(model: nn.Module, num_components: int, seed: int = 0, n_init: i
         w.copy_(c[labels].view_as(w).to(w.dtype))
         centres[name] = c
     return centres
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: InMemoryData | Iterable, batches: int = 0, batch_size: int = 256,
-                   device: torch.device | None = None) -> int:
-    """Re-estimate every BatchNorm's running statistics of ``model`` as the plain average over ``batches``
-    batches of ``data`` (0: all), computed with the weights eval mode uses (DGMS: hard). No gradient, no
-    weight changes; the model is left in eval mode. Returns the number of batches used."""
-    device = device or next(model.parameters()).device
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    loader = TensorLoader(data.to(device), batch_size) if isinstance(data, InMemoryData) else data
-    used = 0
-    try:
-        for x, _ in loader:
-            model(x.to(device, non_blocking=True))
-            used += 1
-            if batches and used >= batches:
-                break
-    finally:
-        for m, mom in zip(bns, momenta, strict=True):
-            m.momentum = mom
-        model.eval()
-    return used
 
 
 @torch.no_grad()

@@ -208,8 +208,8 @@ def prox_stability(importance: dict[str, Tensor], lam: float, lr: float, momentu
 def _setup_lifequant(model: nn.Module, args: argparse.Namespace, train: InMemoryData) -> MethodSetup:
     import torch
 
+    from .batchnorm import recalibrate_bn
     from .data.tensors import TensorLoader
-    from .dgms import recalibrate_bn
     from .lifequant import LifelongCriterion, LifelongSchedule, LossMonitor, ball_scale, class_counts
     from .lifequant.ball import BaLLLoss
     from .lifequant.prox import method_importance, snapshot
