@@ -3,7 +3,8 @@ run records their companion notebooks use.
 
 The one entry point for any model: ``paperlib.quantize_(model, config)`` with a config of
 ``UniformConfig``, ``LSQConfig``, ``ClimbQConfig``, ``LifeQuantConfig``, ``DGMSConfig`` or ``CBPConfig``
-(see :mod:`paperlib.quant.config`). They are imported on first use, so ``import paperlib`` stays light.
+(see :mod:`paperlib.quant.config`), and ``paperlib.hooks(model, train_data, config)`` for the criterion and
+callbacks ``fit`` trains it with. They are imported on first use, so ``import paperlib`` stays light.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it (resolved on first access, PEP 562)
 _LAZY = {
     "quantize_": "paperlib.quant.config",
+    "hooks": "paperlib.quant.config",
+    "Hooks": "paperlib.quant.config",
     "QuantConfig": "paperlib.quant.config",
     "UniformConfig": "paperlib.quant.uniform",
     "LSQConfig": "paperlib.quant.lsq",
-    "ClimbQConfig": "paperlib.climbq",
+    "ClimbQConfig": "paperlib.climbq_hooks",
     "LifeQuantConfig": "paperlib.lifequant.quant",
     "DGMSConfig": "paperlib.dgms",
     "CBPConfig": "paperlib.cbp",

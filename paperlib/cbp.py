@@ -85,8 +85,9 @@ from torch import Tensor, nn
 
 from . import claims
 from .device import cpu_threads
+from .distributed import SyncedCBP
 from .presets import register_presets
-from .quant.config import QuantConfig
+from .quant.config import Hooks, QuantConfig
 from .quant.core import QuantConv2d, QuantLinear, quantize_model
 from .train import Callback
 
@@ -626,6 +627,13 @@ class CBPConfig(QuantConfig):
 
     def weight_quantizer(self, layer: nn.Module) -> nn.Module:
         return CBPWeight.factory(self.mode)(layer)
+
+    def hooks(self, model: nn.Module, train_data: Any) -> Hooks:
+        """A :class:`CBP` controller on ``model``: its Lagrangian as the criterion, and the controller (through
+        :class:`paperlib.distributed.SyncedCBP`, which under ``torchrun`` averages the epoch's Lagrangian sum
+        over ranks and in one process is the controller itself) as the callback."""
+        cbp = CBP(model, config=self)
+        return Hooks(cbp.criterion, [SyncedCBP(cbp)])
 
 
 def next_g(g: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from .data.long_tail import check_class_counts
 from .levene import HomogeneityBounds, dispersion, homogeneity_bounds
 from .quant import native as _native
-from .quant.config import QuantConfig, check_positive
 from .quant.core import compiling, refuse_double_backward, standardize_flat
 from .quant.core import scalar_operand as _c
 from .quant.uniform import as_bits, uniform_quantize
@@ -40,7 +39,7 @@ SigmaMode = Literal["batch_freq", "none", "prior"]
 Base = Literal["bce", "ce"]
 
 __all__ = [
-    "ClimbQActivation", "ClimbQConfig", "ClimbQWeight", "HomoVarLoss", "HomoVarStep", "batch_sigma",
+    "ClimbQActivation", "ClimbQWeight", "HomoVarLoss", "HomoVarStep", "batch_sigma",
     "class_balanced_weights", "homovar_beta", "homovar_loss", "homovar_weighted_loss", "quantize_activation",
     "quantize_weight", "quantize_weights", "set_sigma",
 ]
@@ -688,36 +687,3 @@ class HomoVarLoss(nn.Module):
     def extra_repr(self) -> str:
         k = "batch" if isinstance(self.counts, str) else f"K={self.counts.size}"
         return f"{k}, alpha={self.alpha}, beta={self.beta}, base={self.base!r}, mask_zeros={self.mask_zeros}"
-
-
-@dataclass(frozen=True)
-class ClimbQConfig(QuantConfig):
-    """ClimbQ for :func:`paperlib.quantize_`: Gaussian-CDF weights and activations (:class:`ClimbQWeight`,
-    :class:`ClimbQActivation`), the last layer in full precision as in the original code (``skip="last"``).
-
-    ``ClimbQConfig(bits=4)``: W4A4; ``act_range`` R and ``eval_sigma`` as in :class:`ClimbQActivation`. Class
-    distribution scaling sets the per-sample sigma of the activation quantizers before each training forward
-    (:func:`set_sigma`; the training loop's ``SigmaScaling`` callback does it)."""
-
-    bits: int = 4
-    act_bits: int | None = None
-    act_range: float = 2.0
-    eval_sigma: float = 2.0
-    skip: str | tuple[str, ...] = "last"
-    activation: str = "auto"
-    method: ClassVar[str] = "climbq"
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits)
-        if self.act_bits is not None:
-            _check_bits(self.act_bits)
-        check_positive(self.act_range, "act_range")
-        check_positive(self.eval_sigma, "eval_sigma")
-        self.check_common()
-
-    def weight_quantizer(self, layer: nn.Module) -> nn.Module:
-        return ClimbQWeight(self.bits)
-
-    def activation_quantizer(self) -> nn.Module | None:
-        bits = self.bits if self.act_bits is None else self.act_bits
-        return None if bits == FULL_PRECISION else ClimbQActivation(bits, self.act_range, self.eval_sigma)

@@ -46,13 +46,14 @@ import torch
 from torch import Tensor, nn
 
 from . import claims as cl
-from .climbq import ClimbQActivation, ClimbQWeight, HomoVarLoss, batch_sigma, set_sigma
+from .callback import Callback
+from .climbq import ClimbQActivation, ClimbQWeight, batch_sigma
+from .climbq_hooks import HomoVarCriterion, SigmaScaling
 from .data.errors import DataError
 from .data.long_tail import CIFAR10_LT_ORDER, SYNDIGITS_LT_ORDER, long_tail_counts, long_tail_subset
 from .data.tensors import InMemoryData, TensorLoader
 from .levene import capture_features, dispersion, f_critical, homogeneity_bounds, levene_features
 from .models import create_model
-from .models.features import logits_and_features
 from .presets import register_presets
 from .pretrain import pretrained_fp32
 from .quant import ClippedActivation, DoReFaWeight, quantize_model
@@ -60,7 +61,7 @@ from .quant.core import first_last_layers
 from .quant.uniform import uniform_quantize
 from .runs import completed_runs, read_json, runs_root_of, write_json
 from .stats import format_mean_ci, summarize
-from .train import Callback, TrainConfig, evaluate, fit, resolve_device
+from .train import TrainConfig, evaluate, fit, resolve_device
 
 NOTEBOOK = "climbq"
 LEVENE_NOTEBOOK = "levene"
@@ -423,53 +424,6 @@ def quantize_for_method(fp_model: nn.Module, method: str, bits: int, cfg: dict[s
 # --------------------------------------------------------------------------------------------- training hooks
 
 
-class SigmaScaling(Callback):
-    """ClimbQ's class distribution scaling: per-sample sigma from the batch labels before each forward
-    (original code: main.py, the batch class frequencies passed to every activation quantizer).
-
-    Records the largest ``|sigma - 2|`` seen (below 0.05 for B = 128: sigma = 2 - p~ moves by less than 1 %),
-    and with ``batch_size`` also the largest over full batches only (``max_deviation_full``; an epoch's last,
-    partial batch excluded). Both running maxima are in ``state_dict``, so a run resumed from a checkpoint
-    reports the maxima of the uninterrupted run.
-    """
-
-    def __init__(self, num_classes: int, mode: str = "batch_freq", counts: Sequence[int] | None = None,
-                 batch_size: int | None = None) -> None:
-        self.num_classes, self.mode, self.counts, self.batch_size = num_classes, mode, counts, batch_size
-        self._max_dev: Tensor | None = None
-        self._max_dev_full: Tensor | None = None
-
-    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        s = batch_sigma(y, self.num_classes, self.mode, counts=self.counts)
-        set_sigma(model, s)
-        self._record(s)
-
-    def _record(self, sigma: Tensor) -> None:
-        """Update the running maxima with one (whole) batch's sigma."""
-        dev = (sigma - 2).abs().max()
-        self._max_dev = dev if self._max_dev is None else torch.maximum(self._max_dev, dev)
-        if self.batch_size is not None and sigma.numel() == self.batch_size:
-            self._max_dev_full = dev if self._max_dev_full is None else torch.maximum(self._max_dev_full, dev)
-
-    @property
-    def max_deviation(self) -> float:
-        return float("nan") if self._max_dev is None else float(self._max_dev)
-
-    @property
-    def max_deviation_full(self) -> float:
-        """The largest ``|sigma - 2|`` over batches of exactly ``batch_size`` samples (NaN: none seen)."""
-        return float("nan") if self._max_dev_full is None else float(self._max_dev_full)
-
-    def state_dict(self) -> dict[str, Any]:
-        def keep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().clone()
-
-        return {"max_dev": keep(self._max_dev), "max_dev_full": keep(self._max_dev_full)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._max_dev, self._max_dev_full = state.get("max_dev"), state.get("max_dev_full")
-
-
 def sigma_deviation(labels: Sequence[int] | np.ndarray | Tensor, num_classes: int, batch_size: int = 128,
                     epochs: int = 10, seed: int = 0, mode: str = "batch_freq",
                     counts: Sequence[int] | None = None) -> dict[str, Any]:
@@ -500,58 +454,6 @@ def sigma_deviation(labels: Sequence[int] | np.ndarray | Tensor, num_classes: in
     return {"batch_size": int(batch_size), "epochs": int(epochs), "n": int(y.numel()),
             "max_full": max(full) if full else None, "max_all": max(every),
             "last_batch": int(y.numel() % batch_size)}
-
-
-class HomoVarCriterion(Callback):
-    """Criterion and callback: ``HomoVarLoss(counts)(fc(f), y, f)`` with ``f = forward_features(x)`` computed once
-    (on a model without ``forward_features``: the input of its last ``nn.Linear``, :func:`logits_and_features`).
-
-    Per epoch it adds ``homovar_fraction_out`` (mean over steps of the fraction of classes out of bounds),
-    ``homovar_steps_all_in`` (the share of steps with no class out of bounds) and ``homovar_W`` to the history;
-    ``last_epoch`` holds the per-class means (NaN-aware) over the last epoch's
-    steps of n_lb, n_ub, beta and the class weights. Sums stay on the device until the epoch ends.
-    """
-
-    def __init__(self, counts: Sequence[int] | str, alpha: float = 0.05, beta: float = 0.999,
-                 base: str = "bce") -> None:
-        self.loss = HomoVarLoss(counts, alpha, beta, base=base)
-        self.last_epoch: dict[str, list[float]] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._steps = 0
-        self._sums: dict[str, Tensor] = {}
-        self._counts: dict[str, Tensor] = {}
-
-    def _add(self, key: str, v: Tensor) -> None:
-        v = v.detach().double()
-        ok = ~torch.isnan(v)
-        s, n = torch.where(ok, v, torch.zeros_like(v)), ok.double()
-        if key in self._sums:
-            self._sums[key] += s
-            self._counts[key] += n
-        else:
-            self._sums[key], self._counts[key] = s, n
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        logits, feats = logits_and_features(model, x)
-        loss = self.loss(logits, y, feats)
-        step = self.loss.last
-        for key, v in (("fraction_out", step.fraction_out), ("all_in", (step.fraction_out == 0).double()),
-                       ("W", step.W), ("n_lb", step.n_lb), ("n_ub", step.n_ub), ("beta", step.beta),
-                       ("weights", step.weights)):
-            self._add(key, v)
-        self._steps += 1
-        return loss
-
-    def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
-        mean = {k: (self._sums[k] / self._counts[k]).cpu() for k in self._sums}  # 0/0 -> NaN: never defined
-        stats["homovar_fraction_out"] = float(mean["fraction_out"])
-        stats["homovar_steps_all_in"] = float(mean["all_in"])
-        stats["homovar_W"] = float(mean["W"])
-        self.last_epoch = {k: [float(v) for v in mean[k].reshape(-1)] for k in ("n_lb", "n_ub", "beta", "weights")}
-        self.last_epoch["fraction_out"] = [float(mean["fraction_out"])]
-        self._reset()
 
 
 class SelectBest(Callback):

@@ -12,10 +12,10 @@ gradients are averaged with a per-rank weight ``n_rank * W / n_global`` so they 
 global-batch mean loss even for unequal shards. What the methods compute from a batch must then see the
 global batch too:
 
-- ClimbQ's per-sample sigma (batch class frequencies; original code: main.py): :class:`GlobalSigmaScaling`;
-- ClimbQ's HomoVar statistics (per-class sums, z, counts; original code: utils/lt_loss.py):
-  :class:`GlobalHomoVarCriterion`, which all-gathers the detached labels and features, computes the class
-  weights on the gathered batch with :mod:`paperlib.climbq`'s own functions and applies them to the local logits;
+- ClimbQ's per-sample sigma (batch class frequencies; original code: main.py) and HomoVar statistics (per-class
+  sums, z, counts; original code: utils/lt_loss.py): ``SigmaScaling`` and ``HomoVarCriterion`` of
+  :mod:`paperlib.climbq_experiment` gather the global batch's labels (and detached features and logits) with
+  :func:`all_gather_cat`, which is the identity in a single process, and apply the result to the local shard;
 - CBP's event rule reads the epoch's Lagrangian sum: :class:`SyncedCBP` all-reduces it, so every rank takes
   the same events and the same λ steps (λ itself only depends on the weights, which DDP keeps identical);
 - LSQ's activation step is initialised from the first training batch: :func:`install_global_lsq_init` makes
@@ -39,18 +39,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .climbq import batch_sigma, homovar_weighted_loss, set_sigma
-from .climbq_experiment import HomoVarCriterion, SigmaScaling
+from .callback import Callback
 from .data.tensors import shard_bounds
 from .device import DeviceLike, resolve_device
-from .train import Callback
 
 __all__ = [
-    "DistInfo", "GlobalHomoVarCriterion", "GlobalHomoVarLoss", "GlobalSigmaScaling", "SyncedCBP", "all_gather_cat",
-    "all_gather_object", "all_reduce", "barrier", "broadcast_buffers", "broadcast_object", "check_global_hooks",
-    "convert_sync_batchnorm", "env_world_size", "global_batch_sigma", "global_class_counts", "group_up", "info",
-    "init_distributed", "install_global_lsq_init", "is_distributed", "is_main", "lambda_digest", "local_only",
-    "rank", "revert_sync_batchnorm", "session", "shard_bounds", "shutdown", "world_size",
+    "DistInfo", "SyncedCBP", "all_gather_cat", "all_gather_object", "all_reduce", "barrier", "broadcast_buffers",
+    "broadcast_object", "check_global_hooks", "convert_sync_batchnorm", "env_world_size", "global_class_counts",
+    "group_up", "info", "init_distributed", "install_global_lsq_init", "is_distributed", "is_main", "lambda_digest",
+    "local_only", "local_slice", "rank", "revert_sync_batchnorm", "session", "shard_bounds", "shutdown", "world_size",
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -273,7 +270,7 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
         dist.broadcast(b, src=src)
 
 
-def _local_slice(sizes: Sequence[int]) -> slice:
+def local_slice(sizes: Sequence[int]) -> slice:
     r = rank()
     start = sum(sizes[:r])
     return slice(start, start + sizes[r])
@@ -321,80 +318,6 @@ def revert_sync_batchnorm(swaps: Sequence[BNSwap]) -> None:
             original._buffers[key] = sync._buffers[key]  # noqa: SLF001
         original.train(sync.training)
         setattr(parent, name, original)
-
-
-# --------------------------------------------------------------------------------------------- ClimbQ
-
-
-def global_batch_sigma(labels: Tensor, num_classes: int, mode: str = "batch_freq",
-                       counts: Sequence[float] | None = None) -> Tensor:
-    """:func:`paperlib.climbq.batch_sigma` of the *global* batch, this rank's part ([len(labels)]).
-
-    The labels of every rank are gathered (rank order = the order of the global batch), sigma is computed on
-    them exactly as in a single process, and the local slice is returned.
-    """
-    y_all, sizes = all_gather_cat(labels)
-    return batch_sigma(y_all, num_classes, mode, counts=counts)[_local_slice(sizes)]
-
-
-class GlobalSigmaScaling(SigmaScaling):
-    """:class:`paperlib.climbq_experiment.SigmaScaling` with sigma from the global batch's class counts.
-
-    Identical to ``SigmaScaling`` in a single process. ``max_deviation`` (and ``max_deviation_full``, whose
-    ``batch_size`` is the global batch) is the largest ``|sigma - 2|`` of the *global* batches, the same number
-    on every rank and in a single process; it is part of ``state_dict`` (so of every checkpoint, which rank 0
-    writes for all ranks).
-    """
-
-    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        y_all, sizes = all_gather_cat(y)
-        s_all = batch_sigma(y_all, self.num_classes, self.mode, counts=self.counts)
-        set_sigma(model, s_all[_local_slice(sizes)])
-        self._record(s_all)
-
-
-class GlobalHomoVarLoss(nn.Module):
-    """A :class:`paperlib.climbq.HomoVarLoss` whose statistics come from the global batch.
-
-    ``forward(logits, labels, features)``: the detached labels, features and logits of every rank are
-    all-gathered (rank order = the global batch's order); the wrapped ``HomoVarLoss`` runs on the gathered batch
-    (Levene sums, z, counts, bounds, beta and class weights exactly as one process computes them; its
-    diagnostics land in ``last``); the weights are then applied to the *local* logits with climbq's own
-    weighted loss. The local loss is the mean over the local samples, so ``fit``'s size-weighted gradient
-    average is the gradient of the single-process loss of the global batch. A single process calls the
-    wrapped loss directly.
-    """
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def last(self) -> Any:
-        return self.inner.last
-
-    @property
-    def base(self) -> str:
-        return self.inner.base
-
-    def forward(self, logits: Tensor, labels: Tensor, features: Tensor) -> Tensor:
-        if not is_distributed():
-            return self.inner(logits, labels, features)
-        y_all, _ = all_gather_cat(labels)
-        f_all, _ = all_gather_cat(features.detach().flatten(1))
-        z_all, _ = all_gather_cat(logits.detach())
-        self.inner(z_all, y_all, f_all)  # the global statistics -> inner.last (its loss value is unused)
-        return homovar_weighted_loss(logits, labels.long(), self.inner.last.weights, self.inner.base)
-
-
-class GlobalHomoVarCriterion(HomoVarCriterion):
-    """:class:`paperlib.climbq_experiment.HomoVarCriterion` (same arguments, same per-epoch diagnostics) whose
-    loss is a :class:`GlobalHomoVarLoss`: statistics and class weights of the global batch, applied to the local
-    logits. Identical to ``HomoVarCriterion`` in a single process."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loss = GlobalHomoVarLoss(self.loss)
 
 
 # --------------------------------------------------------------------------------------------- CBP
@@ -484,21 +407,14 @@ def install_global_lsq_init(model: nn.Module) -> int:
 
 
 def check_global_hooks(criterion: Any, callbacks: Sequence[Any]) -> None:
-    """Under DDP, refuse the single-process ClimbQ/CBP hooks whose statistics would be per-shard, naming the
-    global replacement (a plain process accepts everything)."""
+    """Under DDP, refuse a bare CBP controller as a callback (its event rule would see this rank's loss sum only),
+    naming the replacement. ClimbQ's ``SigmaScaling`` and ``HomoVarCriterion`` gather the global batch themselves
+    (:func:`all_gather_cat`), so they need no replacement."""
     if not is_distributed():
         return
     import sys
 
     cbp_mod = sys.modules.get("paperlib.cbp")
-    for h in (criterion, *callbacks):
-        if type(h) is SigmaScaling:
-            raise ValueError("SigmaScaling computes sigma from this rank's shard of the batch; under DDP use "
-                             "paperlib.distributed.GlobalSigmaScaling (same arguments), which uses the global "
-                             "batch's class counts")
-        if type(h) is HomoVarCriterion:
-            raise ValueError("HomoVarCriterion computes the HomoVar statistics on this rank's shard; under DDP use "
-                             "paperlib.distributed.GlobalHomoVarCriterion (same arguments)")
     if cbp_mod is not None:
         for h in callbacks:
             if isinstance(h, cbp_mod.CBP):

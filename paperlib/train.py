@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .atomic import WriteError, atomic_torch_save, check_writable
+from .callback import Callback, cross_entropy
 from .data.tensors import InMemoryData, TensorLoader
 from .device import resolve_device
 from .metrics import classification_report
@@ -158,40 +159,6 @@ def _check_real(name: str, value: Any, why: str, *, low: float | None = None, hi
         ok = value < high
     if not ok:
         raise ValueError(f"{name}={value!r}: {why}")
-
-
-class Callback:
-    """Hooks into :func:`fit`; override what you need. ``state_dict`` goes into every checkpoint."""
-
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
-    def before_batch(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
-        pass
-
-    def after_backward(self, model: nn.Module) -> None:
-        pass
-
-    def after_step(self, model: nn.Module) -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int, stats: dict[str, Any]) -> None:
-        """``stats`` holds ``train_loss`` (mean) and ``train_loss_sum``; add keys to record them in history.
-
-        Called after the epoch's scheduler step and *before* its test evaluation, so a callback that changes the
-        model here (CBP's multiplier update, a BN re-estimation) changes the model that is evaluated; the test
-        metrics are added to the same ``stats`` (and so to the history) afterwards."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def cross_entropy(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The default criterion: cross entropy of ``model(x)``."""
-    return F.cross_entropy(model(x), y)
 
 
 @dataclass

@@ -163,17 +163,16 @@ def _setup_lsq(model: nn.Module, args: argparse.Namespace, train: InMemoryData) 
 
 
 def _setup_climbq(model: nn.Module, args: argparse.Namespace, train: InMemoryData) -> MethodSetup:
-    from . import distributed as pdist
-    from .climbq_experiment import _COMMON, CLIMBQ_CE, CLIMBQ_HV, quantize_for_method
+    from .climbq_experiment import _COMMON, CLIMBQ_CE, CLIMBQ_HV, HomoVarCriterion, SigmaScaling, quantize_for_method
 
     cfg = dict(_COMMON)
     q = quantize_for_method(model, CLIMBQ_HV if args.climbq_loss == "homovar" else CLIMBQ_CE, args.bits, cfg)
-    sigma = pdist.GlobalSigmaScaling(train.num_classes, cfg["sigma_mode"])
+    sigma = SigmaScaling(train.num_classes, cfg["sigma_mode"])
     callbacks: list[Callback] = [sigma]
     criterion: Any = None
     hv = None
     if args.climbq_loss == "homovar":
-        hv = pdist.GlobalHomoVarCriterion(train.class_counts(), cfg["alpha"], cfg["beta"], cfg["homovar_base"])
+        hv = HomoVarCriterion(train.class_counts(), cfg["alpha"], cfg["beta"], cfg["homovar_base"])
         criterion = hv
         callbacks.append(hv)
 

@@ -124,7 +124,7 @@ def _model(method: str):
 
 
 def _fit_case(method: str, train, test, distributed: bool, ckpt: str | None = None):
-    from paperlib.distributed import GlobalHomoVarCriterion, GlobalSigmaScaling
+    from paperlib.climbq_experiment import HomoVarCriterion, SigmaScaling
     from paperlib.train import TrainConfig, cross_entropy, fit
 
     model = _model(method)
@@ -133,7 +133,8 @@ def _fit_case(method: str, train, test, distributed: bool, ckpt: str | None = No
     criterion = cross_entropy
     hv = sigma = None
     if method == "climbq":
-        hv, sigma = GlobalHomoVarCriterion(train.class_counts()), GlobalSigmaScaling(10)
+        # the same callbacks as one process: they gather the global batch themselves under torchrun
+        hv, sigma = HomoVarCriterion(train.class_counts()), SigmaScaling(10)
         criterion = hv
         callbacks = [lsq, sigma, hv]
     cfg = TrainConfig(epochs=1, lr=0.1, batch_size=33, seed=3, augment=True, scheduler="none")
@@ -191,7 +192,9 @@ def _resume_case(method: str, train, ckpt: Path, stop_after: int | None = None, 
     criterion, callbacks, opt, cbp, sigma = cross_entropy, [], None, None, None
     scheduler = "cosine"
     if method == "climbq":
-        hv, sigma = pdist.GlobalHomoVarCriterion(train.class_counts()), pdist.GlobalSigmaScaling(10)
+        from paperlib.climbq_experiment import HomoVarCriterion, SigmaScaling
+
+        hv, sigma = HomoVarCriterion(train.class_counts()), SigmaScaling(10)
         criterion, callbacks = hv, [sigma, hv]
     elif method == "cbp":
         from paperlib.cbp import CBP
@@ -483,7 +486,16 @@ def test_single_process_helpers_are_identities():
     y = torch.tensor([0, 0, 1, 2])
     from paperlib.climbq import batch_sigma
 
-    assert torch.equal(pdist.global_batch_sigma(y, 3), batch_sigma(y, 3))
+    assert pdist.local_slice([4]) == slice(0, 4)
+    from paperlib.climbq_experiment import SigmaScaling
+    from paperlib.quant import ActSlot
+
+    slot = ActSlot()
+    from paperlib.climbq import ClimbQActivation
+
+    slot.quantizer = ClimbQActivation(4)
+    SigmaScaling(3).before_batch(slot, torch.zeros(4, 1), y)  # one process: sigma of the batch itself
+    assert torch.equal(slot.quantizer.sigma, batch_sigma(y, 3))
     with pytest.raises(RuntimeError, match="torchrun"):
         from paperlib.train import TrainConfig, fit
 

@@ -4,6 +4,7 @@ on models this project did not write (torchvision's resnet18 and mobilenet_v2, a
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -210,3 +211,44 @@ def test_homovar_takes_the_penultimate_features_of_a_model_without_forward_featu
         torch.testing.assert_close(got[1], ours.forward_features(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="no nn.Linear classifier"):
         logits_and_features(nn.Sequential(nn.Conv2d(1, 2, 3)), torch.randn(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_hooks_give_what_fit_needs_and_training_runs(method: str) -> None:
+    """``criterion, callbacks = paperlib.hooks(model, train, config)`` then ``fit``: one epoch on 256 digits
+    images, on a plain ``nn.Sequential`` (no ``forward_features``, no ActSlot); each method's state moves."""
+    from paperlib.data.digits import load_digits
+    from paperlib.train import TrainConfig, fit
+
+    train, _ = load_digits(size=8, channels=1, seed=0)
+    train = train.subset(slice(0, 256))
+    torch.manual_seed(0)
+    model = quantize_(_sequential(), CONFIGS[method]())
+    criterion, callbacks = paperlib.hooks(model, train, CONFIGS[method]())
+    res = fit(model, train, None, TrainConfig(epochs=1, batch_size=64, lr=0.01), criterion=criterion,
+              callbacks=callbacks, device="cpu", progress=False)
+    assert math.isfinite(res.history[-1]["train_loss"])
+    if method == "climbq":
+        sigma, hv = callbacks
+        assert 0 < sigma.max_deviation < 1 and len(hv.last_epoch["weights"]) == 10
+        assert "homovar_W" in res.history[-1]
+    elif method == "cbp":
+        cbp = callbacks[0].cbp
+        assert cbp.epochs == 1 and cbp.started
+    else:
+        assert callbacks == []
+
+
+def test_climbq_config_with_cross_entropy_keeps_the_sigma_scaling() -> None:
+    from paperlib.climbq_hooks import SigmaScaling
+    from paperlib.data.digits import load_digits
+
+    train, _ = load_digits(size=8, channels=1, seed=0)
+    criterion, callbacks = paperlib.hooks(_sequential(), train, ClimbQConfig(bits=4, loss="ce"))
+    assert criterion.__name__ == "cross_entropy" and [type(c) for c in callbacks] == [SigmaScaling]
+    with pytest.raises(ValueError, match="loss='focal'"):
+        ClimbQConfig(loss="focal")
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        ClimbQConfig(alpha=1.5)
+    with pytest.raises(TypeError, match="needs a quantization config"):
+        paperlib.hooks(_sequential(), train, "climbq")

@@ -20,12 +20,13 @@ The methods' configs (``UniformConfig``, ``LSQConfig``, ``ClimbQConfig``, ``Life
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..callback import Callback, cross_entropy
 from .core import ActSlot, QuantConv2d, QuantLinear, first_last_layers, quantize_model, weight_layers
 
 PLACEMENTS = ("auto", "slots", "inputs", "none")
@@ -72,6 +73,14 @@ def skip_by_rule(model: nn.Module, rule: str) -> list[str]:
     raise ValueError(f"unknown skip rule {rule!r}")
 
 
+class Hooks(NamedTuple):
+    """What :func:`paperlib.train.fit` needs to train a model quantized with a config: ``criterion(model, x, y)``
+    and the ``callbacks``; ``criterion, callbacks = hooks(model, train, config)``."""
+
+    criterion: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    callbacks: list[Callback]
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Base of the method configs: ``activation`` placement (module docstring) and ``skip`` (a rule name of
@@ -99,6 +108,10 @@ class QuantConfig:
         """The weight layers of ``model`` this config keeps in full precision."""
         skip = getattr(self, "skip", "none")
         return skip_by_rule(model, skip) if isinstance(skip, str) else list(skip)
+
+    def hooks(self, model: nn.Module, train_data: Any) -> Hooks:
+        """The criterion and callbacks this method trains with (default: cross entropy, no callback)."""
+        return Hooks(cross_entropy, [])
 
     def placement(self) -> str:
         """Where the activation quantizers go: ``activation``, or ``"none"`` when the method has none."""
@@ -171,9 +184,19 @@ def quantize_(model: nn.Module, config: QuantConfig) -> nn.Module:
     return model
 
 
+def hooks(model: nn.Module, train_data: Any, config: QuantConfig) -> Hooks:
+    """The criterion and callbacks :func:`paperlib.train.fit` needs for ``model`` quantized with ``config``, on
+    ``train_data`` (an ``InMemoryData``: ClimbQ reads its class counts). They work unchanged in one process and
+    under ``torchrun``: statistics of a batch come from the global batch through collectives that are the identity
+    in one process. ``fit(model, train, test, cfg, criterion=h.criterion, callbacks=h.callbacks)``."""
+    if not callable(getattr(config, "hooks", None)):
+        raise TypeError(f"hooks needs a quantization config, got {type(config).__name__}")
+    return config.hooks(model, train_data)
+
+
 def _is_input_slot(model: nn.Module, slot: nn.Module) -> bool:
     return any(getattr(m, INPUT_QUANTIZER, None) is slot for m in model.modules())
 
 
-__all__ = ["INPUT_QUANTIZER", "PLACEMENTS", "QuantConfig", "activation_sites", "check_int", "check_positive",
-           "check_skip", "place_input_quantizers", "quantize_", "skip_by_rule"]
+__all__ = ["INPUT_QUANTIZER", "PLACEMENTS", "Hooks", "QuantConfig", "hooks", "activation_sites", "check_int",
+           "check_positive", "check_skip", "place_input_quantizers", "quantize_", "skip_by_rule"]
