@@ -5,6 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,pathlib;print(hashlib.sha256(pathlib.Path('pyproject.toml').read_bytes()).hexdigest()[:16])")
 PRESET ?= default
+JOBS   ?= 2
 ARGS   ?=
 
 .PHONY: install reproduce test lint lab figures bench
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 reproduce: $(STAMP)
-	$(PY) -m paperlib reproduce --preset $(PRESET) $(ARGS)
+	$(PY) -m paperlib reproduce --preset $(PRESET) --jobs $(JOBS) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -70,19 +70,21 @@ def _reproduce(args: argparse.Namespace) -> int:
         if args.timeout is not None and args.timeout <= 0:
             raise ParameterError(f"--timeout {args.timeout}: give a per-cell limit in seconds >= 1, or leave it out "
                                  "(no limit)")
+        if args.jobs < 1:
+            raise ParameterError(f"--jobs {args.jobs}: how many notebooks run at once, >= 1")
         notebooks = list(list_notebooks())
         extra = cli_parameters(only or notebooks, args.data_dir, args.set, notebooks)
         results = reproduce(args.preset, only=only or None, device=args.device,
-                            execution_timeout=args.timeout, extra_parameters=extra)
+                            execution_timeout=args.timeout, extra_parameters=extra, jobs=args.jobs)
     except (ParameterError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
         stopped = [r for r in e.results if r.status == "interrupted"]
         if stopped:
-            r = stopped[-1]
-            where = f"{r.notebook} recorded as {r.run_dir or f'nothing ({r.error})'}"
-            print(f"interrupted: {where}; {len(e.results) - 1} earlier notebook(s) recorded", file=sys.stderr)
+            where = "; ".join(f"{r.notebook} recorded as {r.run_dir or f'nothing ({r.error})'}" for r in stopped)
+            print(f"interrupted: {where}; {len(e.results) - len(stopped)} earlier notebook(s) recorded",
+                  file=sys.stderr)
         else:
             r = e.results[-1]
             print(f"interrupted after {r.notebook} was recorded ({r.status}: {r.run_dir}); the remaining notebooks "
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="notebook names (comma-separated or repeated)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--timeout", type=int, default=None, help="per-cell execution timeout in seconds")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks run at once, one thread each (default 1; "
+                   "`make reproduce` uses 2 on a CPU)")
     p.add_argument("--data-dir", action="append", metavar="[NOTEBOOK=]DIR",
                    help="the notebooks' data_dir (the paper presets' datasets); repeat with NOTEBOOK= per notebook")
     p.add_argument("--set", action="append", metavar="[NOTEBOOK:]NAME=VALUE",

@@ -1,4 +1,4 @@
-"""Run the notebooks headless with papermill, one kernel at a time, and record every run.
+"""Run the notebooks headless with papermill, one kernel at a time (or ``jobs`` at a time), and record every run.
 
 Before the first notebook starts, every notebook's parameters are checked: names strictly (papermill itself only
 warns about unknown names) and values (each preset setting against its preset and the experiment's range
@@ -11,6 +11,11 @@ with the executed notebook, ``metrics.json`` and ``manifest.json``. A notebook t
 exception, a timeout, a write error such as a full disk) is kept as ``<run-id>-failed`` with its error in the
 manifest (and ``kernel.log``, what the kernel process itself printed) and the batch goes on; Ctrl-C records the
 current run as ``<run-id>-interrupted`` and stops.
+
+``jobs=N`` (``--jobs N``) runs up to N notebooks at once, each kernel with one thread (``OMP_NUM_THREADS=1``: on a
+machine with as many cores as jobs, threads of one kernel would spin-wait on the other's cores); a notebook that
+reads another's runs (``DEPENDS``: levene reads climbq's) starts after it. Ctrl-C records every running notebook
+as interrupted (their kernels are interrupted too) and starts no other.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +50,11 @@ KERNEL_LOG = "kernel.log"
 #: call does not show: levene trains its models with the climbq presets when no climbq run exists
 #: (``climbq_models(preset, overrides=dict(seeds=seeds))`` in notebooks/levene.ipynb)
 FORWARDED_SETTINGS: dict[str, dict[str, tuple[str, str]]] = {"levene": {"seeds": ("climbq", "seeds")}}
+#: notebooks that read another notebook's completed runs: with ``jobs`` > 1 they start after it (when it is run)
+DEPENDS: dict[str, tuple[str, ...]] = {"levene": ("climbq",)}
+#: how long Ctrl-C waits for the running kernels to stop by themselves (a terminal's Ctrl-C reaches them too)
+#: before it interrupts them itself
+INTERRUPT_GRACE_S = 5.0
 
 
 class ParameterError(ValueError):
@@ -300,6 +313,11 @@ def _kernel_env() -> None:
         os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(share), current) if p)
 
 
+#: kernel processes of the notebooks running now (parallel mode interrupts them on Ctrl-C)
+_LIVE_KERNELS: set[Any] = set()
+_LIVE_LOCK = threading.Lock()
+
+
 def _kernel_manager_class(log: IO[bytes]) -> type:
     """A kernel manager whose kernel process writes its own stderr (its log lines, and the tracebacks of a kernel
     shut down mid-cell by Ctrl-C) to ``log`` instead of the terminal; the cells' output goes to the notebook."""
@@ -309,8 +327,26 @@ def _kernel_manager_class(log: IO[bytes]) -> type:
         async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
             kw.setdefault("stderr", log)
             await super()._async_launch_kernel(kernel_cmd, **kw)
+            process = getattr(self.provisioner, "process", None)
+            if process is not None:
+                with _LIVE_LOCK:
+                    _LIVE_KERNELS.add(process)
 
     return LoggedKernelManager
+
+
+def _interrupt_kernels() -> int:
+    """Send SIGINT to every kernel process still running; returns how many."""
+    with _LIVE_LOCK:
+        live = [p for p in _LIVE_KERNELS if p.poll() is None]
+    for p in live:
+        try:
+            os.kill(p.pid, signal.SIGINT)
+        except OSError:
+            pass
+    with _LIVE_LOCK:
+        _LIVE_KERNELS.intersection_update(live)  # forget the ones that ended
+    return len(live)
 
 
 def _check_timeout(execution_timeout: Any) -> None:
@@ -409,12 +445,15 @@ def _read_json_or_empty(path: Path) -> dict[str, Any]:
 def reproduce(preset: str = "default", only: Sequence[str] | None = None, device: str | None = None,
               *, notebooks_dir: Path | None = None, runs_root: Path | None = None,
               figures_root: Path | None = None, execution_timeout: int | None = None,
-              extra_parameters: dict[str, dict[str, Any]] | None = None) -> list[NotebookResult]:
-    """Run ``only`` (default: every notebook) sequentially at ``preset``; one result per notebook.
+              extra_parameters: dict[str, dict[str, Any]] | None = None, jobs: int = 1) -> list[NotebookResult]:
+    """Run ``only`` (default: every notebook) at ``preset``, ``jobs`` at a time (1: one after the other); one
+    result per notebook, in the notebooks' order.
 
     Everything is checked before the first notebook starts (parameters, values, writable ``runs/`` and
     ``figures/``); a failed notebook does not stop the batch; Ctrl-C raises :class:`RunInterrupted` with the
-    results so far, the current run recorded as interrupted."""
+    results so far, the running run(s) recorded as interrupted."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ParameterError(f"jobs={jobs!r}: how many notebooks run at once, an int >= 1")
     notebooks = list_notebooks(notebooks_dir)
     if only is not None and not list(only):
         raise ParameterError(f"only names no notebook; pass None for all of them ({', '.join(notebooks)})")
@@ -441,6 +480,8 @@ def reproduce(preset: str = "default", only: Sequence[str] | None = None, device
     check_writable(figures_root, "figures folder")
     for line in sweep_stale_runs(runs_root, figures_root):
         print(f"[reproduce] {line}", flush=True)
+    if jobs > 1 and len(runs) > 1:
+        return _reproduce_parallel(runs, notebooks, runs_root, figures_root, execution_timeout, jobs)
     results: list[NotebookResult] = []
     for name, params in runs:
         print(f"[reproduce] {name} (preset={params.get('preset')}) ...", flush=True)
@@ -452,10 +493,72 @@ def reproduce(preset: str = "default", only: Sequence[str] | None = None, device
             if not results:
                 raise
             raise RunInterrupted(results) from None
-        print(f"[reproduce] {name}: {res.status} in {res.wall_time_s:.1f} s -> {res.run_dir or '(not recorded)'}"
-              + (f"\n    {res.error}" if res.error else ""), flush=True)
+        print(_finished_line(res), flush=True)
         results.append(res)
     return results
+
+
+def _finished_line(res: NotebookResult) -> str:
+    return (f"[reproduce] {res.notebook}: {res.status} in {res.wall_time_s:.1f} s -> "
+            f"{res.run_dir or '(not recorded)'}" + (f"\n    {res.error}" if res.error else ""))
+
+
+def _reproduce_parallel(runs: list[tuple[str, dict[str, Any]]], notebooks: dict[str, Path], runs_root: Path,
+                        figures_root: Path, execution_timeout: int | None, jobs: int) -> list[NotebookResult]:
+    """:func:`reproduce` with up to ``jobs`` notebooks at once (module docstring)."""
+    names = [n for n, _ in runs]
+    pending = list(runs)
+    done: dict[str, NotebookResult] = {}
+    running: dict[Future, str] = {}
+
+    def one(name: str, params: dict[str, Any]) -> NotebookResult:
+        try:
+            return _run_checked(name, notebooks[name], params, runs_root, figures_root, execution_timeout, False)
+        except RunInterrupted as e:  # the kernel was interrupted: the run is recorded as such
+            return e.results[-1]
+
+    def ordered() -> list[NotebookResult]:
+        return [done[n] for n in names if n in done]
+
+    _kernel_env()
+    old_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="reproduce")
+    try:
+        try:
+            while pending or running:
+                for item in list(pending):
+                    name, params = item
+                    if len(running) >= jobs:
+                        break
+                    if any(d in names and d not in done for d in DEPENDS.get(name, ())):
+                        continue  # waits for the notebook whose runs it reads
+                    pending.remove(item)
+                    print(f"[reproduce] {name} (preset={params.get('preset')}) ...", flush=True)
+                    running[pool.submit(one, name, params)] = name
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for f in finished:
+                    res = f.result()
+                    done[running.pop(f)] = res
+                    print(_finished_line(res), flush=True)
+        except KeyboardInterrupt:
+            try:
+                with sigint_deferred():  # a second Ctrl-C waits until the running notebooks are recorded
+                    _, still = wait(list(running), timeout=INTERRUPT_GRACE_S)
+                    if still:
+                        _interrupt_kernels()
+                    for f, name in running.items():
+                        done[name] = f.result()
+            except KeyboardInterrupt:
+                pass
+            raise RunInterrupted(ordered()) from None
+    finally:
+        pool.shutdown(wait=True)
+        if old_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_threads
+    return ordered()
 
 
 def summary_frame(results: Sequence[NotebookResult]) -> pd.DataFrame:

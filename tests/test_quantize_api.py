@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,21 @@ def test_climbq_config_with_cross_entropy_keeps_the_sigma_scaling() -> None:
         ClimbQConfig(alpha=1.5)
     with pytest.raises(TypeError, match="needs a quantization config"):
         paperlib.hooks(_sequential(), train, "climbq")
+
+
+def _readme_blocks(section: str) -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [b.split("```", 1)[0] for b in body.split("```python\n")[1:]]
+
+
+def test_the_readme_use_it_on_your_own_model_code_runs() -> None:
+    """The README's two snippets, as written (the training one with 1 epoch instead of 10)."""
+    first, second = _readme_blocks("Use it on your own model")
+    scope: dict = {}
+    exec(first, scope)  # noqa: S102
+    assert len(quantized_layers(scope["model"])) == 19 and len(activation_sites(scope["model"])) == 19
+    assert "TrainConfig(epochs=10)" in second
+    exec(second.replace("TrainConfig(epochs=10)", "TrainConfig(epochs=1)"), scope)  # noqa: S102
+    sigma, hv = scope["callbacks"]
+    assert 0 < sigma.max_deviation < 1 and len(hv.last_epoch["weights"]) == 10
