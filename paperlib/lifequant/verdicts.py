@@ -150,6 +150,22 @@ def experiment_claims(metrics: Mapping[str, Any], experiment: str, prefix: str) 
     def absent(cid: str, text: str, source: str, direction: str, expected: str, why: str) -> C.Claim:
         return C.not_measured(cid, tag + text, source, direction, expected, why)  # type: ignore[arg-type]
 
+    def compare(text: str, source: str, direction: str, expected: str, a: str, b: str, value: Any, label: str,
+                margin: float | None = None) -> None:
+        """One paired claim of method ``a`` against ``b`` (seed pairs), or "not measured" when either did not
+        run. ``value``: ``"F"`` (forgetting, :func:`_paired_forgetting`) or a per-run function (:func:`_pairs`)."""
+        cid = nid()
+        if (why := need(a, b)):
+            out.append(absent(cid, text, source, direction, expected, why))
+            return
+        if value == "F":
+            xa, xb, note = _paired_forgetting(metrics, experiment, a, b)
+        else:
+            xa, xb, notes = _pairs(metrics, experiment, a, b, value)
+            note = "; ".join(notes)
+        out.append(C.paired(cid, tag + text, source, direction, expected, xa, xb, scale=100, unit="points",
+                            label=label, margin=margin, note=note))
+
     # 1. QAT fine-tuning forgets the dropped classes
     cid, text = nid(), "4-bit QAT fine-tuning on each new task alone (original) forgets the classes absent from " \
                        "the last task almost completely"
@@ -176,23 +192,13 @@ def experiment_claims(metrics: Mapping[str, Any], experiment: str, prefix: str) 
                                 label="F_T(replay+CE) - 0.5 F_T(original)", note=note))
 
     # 3-4. BaLL on top of replay
-    cid, text = nid(), "BaLL instead of cross-entropy on the replay batches does not lower the average accuracy"
-    exp_txt = f"A_T(replay + BaLL) >= A_T(replay + CE) - {NO_HARM_POINTS:g} point"
-    if (why := need("replay_ball", "replay_ce")):
-        out.append(absent(cid, text, SRC_FIGURE_BALL, "increase", exp_txt, why))
-    else:
-        a, b, notes = _pairs(metrics, experiment, "replay_ball", "replay_ce", lambda r: r["metrics"]["A_T"])
-        out.append(C.paired(cid, tag + text, SRC_FIGURE_BALL, "increase", exp_txt, a, b, scale=100, unit="points",
-                            label="A_T(replay+BaLL) - A_T(replay+CE)", margin=NO_HARM_POINTS,
-                            note="; ".join(notes)))
-    cid, text = nid(), "BaLL raises the accuracy of the replay-only classes (absent from the last task)"
-    exp_txt = "top-1 on those classes: replay + BaLL > replay + CE"
-    if (why := need("replay_ball", "replay_ce")):
-        out.append(absent(cid, text, SRC_FIGURE_BALL, "increase", exp_txt, why))
-    else:
-        a, b, notes = _pairs(metrics, experiment, "replay_ball", "replay_ce", lambda r: r["acc_dropped_classes"])
-        out.append(C.paired(cid, tag + text, SRC_FIGURE_BALL, "increase", exp_txt, a, b, scale=100, unit="points",
-                            label="dropped-class top-1, BaLL - CE", note="; ".join(notes)))
+    compare("BaLL instead of cross-entropy on the replay batches does not lower the average accuracy",
+            SRC_FIGURE_BALL, "increase", f"A_T(replay + BaLL) >= A_T(replay + CE) - {NO_HARM_POINTS:g} point",
+            "replay_ball", "replay_ce", lambda r: r["metrics"]["A_T"], "A_T(replay+BaLL) - A_T(replay+CE)",
+            margin=NO_HARM_POINTS)
+    compare("BaLL raises the accuracy of the replay-only classes (absent from the last task)", SRC_FIGURE_BALL,
+            "increase", "top-1 on those classes: replay + BaLL > replay + CE", "replay_ball", "replay_ce",
+            lambda r: r["acc_dropped_classes"], "dropped-class top-1, BaLL - CE")
 
     # 5-8. paper-mode LifeQuant
     for other, direction, expected, margin, src, text, metric in (
@@ -206,45 +212,24 @@ def experiment_claims(metrics: Mapping[str, Any], experiment: str, prefix: str) 
         ("ewc", "increase", "A_T(LifeQuant, paper mode) > A_T(EWC)", None, SRC_ABSTRACT,
          "paper-mode LifeQuant has a higher average accuracy than the EWC baseline", "A"),
     ):
-        cid = nid()
-        if (why := need("lifequant_paper", other)):
-            out.append(absent(cid, text, src, direction, expected, why))
-            continue
+        name = _label(metrics, other)
         if metric == "F":
-            a, b, note = _paired_forgetting(metrics, experiment, "lifequant_paper", other)
-            out.append(C.paired(cid, tag + text, src, direction, expected, a, b, scale=100, unit="points",
-                                label=f"F_T(paper mode) - F_T({_label(metrics, other)})", margin=margin, note=note))
+            compare(text, src, direction, expected, "lifequant_paper", other, "F",
+                    f"F_T(paper mode) - F_T({name})", margin)
         else:
-            a, b, notes = _pairs(metrics, experiment, "lifequant_paper", other, lambda r: r["metrics"]["A_T"])
-            out.append(C.paired(cid, tag + text, src, direction, expected, a, b, scale=100, unit="points",
-                                label=f"A_T(paper mode) - A_T({_label(metrics, other)})", margin=margin,
-                                note="; ".join(notes)))
+            compare(text, src, direction, expected, "lifequant_paper", other, lambda r: r["metrics"]["A_T"],
+                    f"A_T(paper mode) - A_T({name})", margin)
 
     # 9-11. code-mode LifeQuant (the shipped main.py)
-    cid, text = nid(), "code-mode LifeQuant (shipped main.py: no replay in the batches) forgets less than original"
-    exp_txt = "F_T(LifeQuant, code mode) < F_T(original)"
-    if (why := need("lifequant_code", "original")):
-        out.append(absent(cid, text, SRC_CODE_MAIN, "decrease", exp_txt, why))
-    else:
-        a, b, note = _paired_forgetting(metrics, experiment, "lifequant_code", "original")
-        out.append(C.paired(cid, tag + text, SRC_CODE_MAIN, "decrease", exp_txt, a, b, scale=100, unit="points",
-                            label="F_T(code mode) - F_T(original)", note=note))
-    cid, text = nid(), "code-mode LifeQuant pays for it in accuracy on the new (last) task"
-    exp_txt = "last-task top-1: code mode < original"
-    if (why := need("lifequant_code", "original")):
-        out.append(absent(cid, text, SRC_CODE_MAIN, "decrease", exp_txt, why))
-    else:
-        a, b, notes = _pairs(metrics, experiment, "lifequant_code", "original", lambda r: r["acc_last_task"])
-        out.append(C.paired(cid, tag + text, SRC_CODE_MAIN, "decrease", exp_txt, a, b, scale=100, unit="points",
-                            label="last-task top-1, code mode - original", note="; ".join(notes)))
-    cid, text = nid(), "code-mode LifeQuant forgets more than paper mode (replay in the batches matters)"
-    exp_txt = "F_T(code mode) > F_T(paper mode)"
-    if (why := need("lifequant_code", "lifequant_paper")):
-        out.append(absent(cid, text, SRC_CODE_MAIN, "increase", exp_txt, why))
-    else:
-        a, b, note = _paired_forgetting(metrics, experiment, "lifequant_code", "lifequant_paper")
-        out.append(C.paired(cid, tag + text, SRC_CODE_MAIN, "increase", exp_txt, a, b, scale=100, unit="points",
-                            label="F_T(code mode) - F_T(paper mode)", note=note))
+    compare("code-mode LifeQuant (shipped main.py: no replay in the batches) forgets less than original",
+            SRC_CODE_MAIN, "decrease", "F_T(LifeQuant, code mode) < F_T(original)", "lifequant_code", "original",
+            "F", "F_T(code mode) - F_T(original)")
+    compare("code-mode LifeQuant pays for it in accuracy on the new (last) task", SRC_CODE_MAIN, "decrease",
+            "last-task top-1: code mode < original", "lifequant_code", "original", lambda r: r["acc_last_task"],
+            "last-task top-1, code mode - original")
+    compare("code-mode LifeQuant forgets more than paper mode (replay in the batches matters)", SRC_CODE_MAIN,
+            "increase", "F_T(code mode) > F_T(paper mode)", "lifequant_code", "lifequant_paper", "F",
+            "F_T(code mode) - F_T(paper mode)")
 
     # 12. the λ sweep of code mode
     sweep = _code_lambda_methods(metrics, experiment)
