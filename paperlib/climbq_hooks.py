@@ -186,10 +186,13 @@ class ClimbQConfig(QuantConfig):
         return ClimbQWeight(self.bits)
 
     def activation_quantizer(self) -> nn.Module | None:
-        bits = self.bits if self.act_bits is None else self.act_bits
+        bits = self.activation_bits()
         return None if bits == FULL_PRECISION else ClimbQActivation(bits, self.act_range, self.eval_sigma)
 
     def hooks(self, model: nn.Module, train_data: Any) -> Hooks:
+        if not callable(getattr(train_data, "class_counts", None)):
+            raise TypeError(f"ClimbQ's hooks read the training data's class counts: pass an InMemoryData (e.g. "
+                            f"paperlib.data.digits.load_digits()[0]), got {type(train_data).__name__}")
         counts = train_data.class_counts()
         sigma = SigmaScaling(len(counts), self.sigma_mode, counts=counts)
         if self.loss == "ce":

@@ -330,6 +330,7 @@ def _kernel_manager_class(log: IO[bytes]) -> type:
             process = getattr(self.provisioner, "process", None)
             if process is not None:
                 with _LIVE_LOCK:
+                    _LIVE_KERNELS.difference_update([p for p in _LIVE_KERNELS if p.poll() is not None])
                     _LIVE_KERNELS.add(process)
 
     return LoggedKernelManager

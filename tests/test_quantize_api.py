@@ -253,6 +253,10 @@ def test_climbq_config_with_cross_entropy_keeps_the_sigma_scaling() -> None:
         ClimbQConfig(alpha=1.5)
     with pytest.raises(TypeError, match="needs a quantization config"):
         paperlib.hooks(_sequential(), train, "climbq")
+    with pytest.raises(TypeError, match="class counts: pass an InMemoryData"):
+        paperlib.hooks(_sequential(), [(torch.zeros(1, 1, 8, 8), torch.zeros(1))], ClimbQConfig())
+    assert ClimbQConfig(bits=4).activation_bits() == 4 and ClimbQConfig(bits=4, act_bits=3).activation_bits() == 3
+    assert DGMSConfig(num_components=4).activation_quantizer() is None
 
 
 def _readme_blocks(section: str) -> list[str]:

@@ -509,6 +509,6 @@ class LifeQuantConfig(QuantConfig):
         return LifeQuantWeight(self.bits, self.quantizer, self.clip, self.std)
 
     def activation_quantizer(self) -> nn.Module | None:
-        bits = self.bits if self.act_bits is None else self.act_bits
+        bits = self.activation_bits()
         act_q = PAIRED_ACTIVATION[self.quantizer] if self.act_quantizer is None else self.act_quantizer
         return None if bits == FULL_PRECISION else LifeQuantActivation(bits, act_q, self.act_range)

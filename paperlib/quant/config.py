@@ -104,6 +104,11 @@ class QuantConfig:
         """A new activation quantizer, or None for a weights-only method."""
         return None
 
+    def activation_bits(self) -> int:
+        """The activations' bits: ``act_bits`` when set, else the weights' ``bits`` (32: full precision)."""
+        act_bits = getattr(self, "act_bits", None)
+        return getattr(self, "bits", 32) if act_bits is None else act_bits
+
     def skip_layers(self, model: nn.Module) -> list[str]:
         """The weight layers of ``model`` this config keeps in full precision."""
         skip = getattr(self, "skip", "none")

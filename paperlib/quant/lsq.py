@@ -134,5 +134,5 @@ class LSQConfig(QuantConfig):
         return LSQWeight(self.bits, layer.weight)
 
     def activation_quantizer(self) -> nn.Module | None:
-        bits = self.bits if self.act_bits is None else self.act_bits
+        bits = self.activation_bits()
         return None if bits == FULL_PRECISION else LSQActivation(bits, signed=self.act_signed)

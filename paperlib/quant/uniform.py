@@ -126,5 +126,5 @@ class UniformConfig(QuantConfig):
         return DoReFaWeight(self.bits)
 
     def activation_quantizer(self) -> nn.Module | None:
-        bits = self.bits if self.act_bits is None else self.act_bits
+        bits = self.activation_bits()
         return None if bits == FULL_PRECISION else ClippedActivation(bits, self.act_clip)
